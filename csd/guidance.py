@@ -1,0 +1,179 @@
+"""Score distillation: Classifier Score Distillation (Yu et al. 2023) and SDS as a baseline.
+
+Both are written as the official CSD code writes them,
+
+    g = w(t) · (a·ε_y + b·ε_neg + c·ε_∅ + d·ε)
+
+with ε_y, ε_neg, ε_∅ the noise predictions for the prompt, the negative prompt and the empty
+prompt (one batched UNet call, branches with a zero coefficient skipped) and ε the injected noise.
+
+- CSD (paper eq. 7): a = 1, c = −1 — the classifier score ε_y − ε_∅ alone, no −ε term.
+- CSD with an annealed negative prompt (paper §4.2, official configs): b and c move linearly so
+  the score turns from "prompt minus empty" into "prompt minus negative prompt".
+- SDS (DreamFusion) with CFG scale s: a = s, c = 1 − s, d = −1.
+
+The loss is the reparameterisation `0.5 ‖z − (z − g).detach()‖² / B`: its gradient w.r.t. sample
+`z_i` is exactly `g_i / B` (the batch mean of the per-sample losses, each with gradient `g_i`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from csd.prompts import PromptEmbeddings
+from csd.schedules import Schedule, schedule_value, validate_schedule
+
+WEIGHTINGS = ("uniform", "sds")
+"""`uniform`: w(t) = 1 (official csd-if); `sds`: w(t) = 1 − ᾱ_t (DreamFusion, official SD refine)."""
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Coefficients and sampling of score distillation; every scale may be a schedule."""
+
+    prompt_scale: Schedule = 1.0
+    """a: weight of ε_y (prompt)."""
+    negative_scale: Schedule = 0.0
+    """b: weight of ε_neg (negative prompt)."""
+    null_scale: Schedule = -1.0
+    """c: weight of ε_∅ (empty prompt)."""
+    noise_scale: Schedule = 0.0
+    """d: weight of the injected noise ε (−1 for SDS, 0 for CSD)."""
+    min_step_percent: Schedule = 0.02
+    """t_min as a fraction of the training timesteps."""
+    max_step_percent: Schedule = 0.98
+    """t_max as a fraction of the training timesteps."""
+    weighting: str = "uniform"
+    """w(t): `uniform` or `sds` (1 − ᾱ_t)."""
+    grad_normalize: bool = False
+    """Divide each sample's g by its L2 norm (official csd-if)."""
+    grad_clip: Schedule | None = None
+    """Clamp g elementwise to ±value when set."""
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in ("weighting", "grad_normalize") and value is not None:
+                validate_schedule(value, f.name)
+
+    def at(self, step: int) -> dict[str, float]:
+        """Coefficients and timestep bounds at `step`."""
+        names = ("prompt_scale", "negative_scale", "null_scale", "noise_scale", "min_step_percent", "max_step_percent")
+        values = {name: schedule_value(getattr(self, name), step) for name in names}
+        values["grad_clip"] = schedule_value(self.grad_clip, step) if self.grad_clip is not None else None
+        return values
+
+
+GUIDANCE_PRESETS: dict[str, dict[str, Any]] = {
+    # the classifier score alone (paper eq. 7)
+    "csd": dict(prompt_scale=1.0, negative_scale=0.0, null_scale=-1.0, noise_scale=0.0, grad_normalize=True),
+    # official csd-if.yaml (NeRF stage): null_scale [0, -1, 0, 5000], negative_scale [0, 0, -1, 5000],
+    # uniform weighting, normalised gradient, t_max 0.98 -> 0.5 at step 5000
+    "csd-annealed-negative": dict(
+        prompt_scale=1.0,
+        negative_scale=[0, 0.0, -1.0, 5000],
+        null_scale=[0, -1.0, 0.0, 5000],
+        noise_scale=0.0,
+        min_step_percent=0.02,
+        max_step_percent=[0, 0.98, 0.5, 5000],
+        weighting="uniform",
+        grad_normalize=True,
+    ),
+    # official csd-sd-refine.yaml: negative_scale [0, -1, -0.5, 10000], null_scale [0, 0, -0.5, 10000],
+    # w(t) = 1 - alphas_cumprod, t in [0.02, 0.5]
+    "csd-refine": dict(
+        prompt_scale=1.0,
+        negative_scale=[0, -1.0, -0.5, 10000],
+        null_scale=[0, 0.0, -0.5, 10000],
+        noise_scale=0.0,
+        min_step_percent=0.02,
+        max_step_percent=0.5,
+        weighting="sds",
+        grad_normalize=False,
+    ),
+    # DreamFusion SDS with CFG scale 100: a = s, c = 1 - s, d = -1
+    "sds": dict(prompt_scale=100.0, negative_scale=0.0, null_scale=-99.0, noise_scale=-1.0, weighting="sds"),
+}
+
+
+def guidance_config(preset: str, **overrides) -> GuidanceConfig:
+    """A named preset with field overrides (e.g. `guidance_config("sds", prompt_scale=7.5, null_scale=-6.5)`)."""
+    if preset not in GUIDANCE_PRESETS:
+        raise ValueError(f"unknown guidance preset {preset!r}; valid: {', '.join(GUIDANCE_PRESETS)}")
+    return replace(GuidanceConfig(**GUIDANCE_PRESETS[preset]), **overrides)
+
+
+@dataclass
+class GuidanceOutput:
+    """One score-distillation step: `loss` (scalar, differentiable w.r.t. z), the timesteps `(B,)`,
+    mean per-sample ‖g‖ (before normalisation), and norms of each weighted term for logging."""
+
+    loss: Tensor
+    timesteps: Tensor
+    grad_norm: float
+    component_norms: dict[str, float] = field(default_factory=dict)
+    coefficients: dict[str, float] = field(default_factory=dict)
+
+
+def _per_sample_norm(x: Tensor) -> Tensor:
+    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.ndim - 1)))
+
+
+class ScoreDistillation:
+    """Computes the guidance loss on model inputs `z` (see `DiffusionPrior.encode_images`)."""
+
+    def __init__(self, prior, config: GuidanceConfig):
+        self.prior = prior
+        self.config = config
+
+    def __call__(self, z: Tensor, embeddings: PromptEmbeddings, step: int, generator: torch.Generator | None = None) -> GuidanceOutput:
+        """`z` is `(B, C, h, w)` (requires grad); `embeddings` holds `(B, L, D)` text embeddings."""
+        c = self.config.at(step)
+        batch = z.shape[0]
+        T = self.prior.num_train_timesteps
+        t_min = int(round(c["min_step_percent"] * T))
+        t_max = max(t_min, int(round(c["max_step_percent"] * T)))
+        t = torch.randint(t_min, t_max + 1, (batch,), generator=generator).clamp(max=T - 1).to(z.device)
+        noise = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device, z.dtype)
+
+        branches = [("prompt", c["prompt_scale"], embeddings.prompt), ("null", c["null_scale"], embeddings.null)]
+        if c["negative_scale"] != 0.0:
+            if embeddings.negative is None:
+                raise ValueError("negative_scale is non-zero but no negative prompt was given")
+            branches.insert(1, ("negative", c["negative_scale"], embeddings.negative))
+        branches = [b for b in branches if b[1] != 0.0]
+
+        with torch.no_grad():
+            alphas_cumprod = self.prior.alphas_cumprod[t].view(-1, 1, 1, 1).to(z.dtype)
+            z_t = alphas_cumprod.sqrt() * z.detach() + (1 - alphas_cumprod).sqrt() * noise
+            g = torch.zeros_like(z, dtype=torch.float32)
+            norms = {}
+            if branches:
+                k = len(branches)
+                eps = self.prior.predict_noise(
+                    torch.cat([z_t] * k), torch.cat([t] * k), torch.cat([e for _, _, e in branches])
+                ).float()
+                for (name, scale, _), eps_branch in zip(branches, eps.chunk(k)):
+                    g += scale * eps_branch
+                    norms[name] = float(_per_sample_norm(scale * eps_branch).mean())
+            if c["noise_scale"] != 0.0:
+                g += c["noise_scale"] * noise.float()
+                norms["noise"] = float(_per_sample_norm(c["noise_scale"] * noise.float()).mean())
+            if self.config.weighting == "sds":
+                g = g * (1 - alphas_cumprod.float())
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+            grad_norm = float(_per_sample_norm(g).mean())
+            if self.config.grad_normalize:
+                g = g / _per_sample_norm(g).clamp(min=1e-8)
+            if c["grad_clip"] is not None:
+                g = g.clamp(-c["grad_clip"], c["grad_clip"])
+
+        target = (z - g.to(z.dtype)).detach()
+        loss = 0.5 * ((z.float() - target.float()) ** 2).sum() / batch
+        return GuidanceOutput(loss, t, grad_norm, norms, c)

@@ -1,0 +1,244 @@
+"""Loading a text-to-image diffusion prior from a diffusers model id or a local directory.
+
+One code path for Stable Diffusion (latent: has a VAE), DeepFloyd IF stage I (pixel: no VAE, T5
+text encoder) and the shipped toy prior (pixel, tiny CLIP): the components named in
+`model_index.json` are loaded one by one with their own `from_pretrained`, frozen and put in
+`eval()` mode.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+TOY_PRIOR = Path(__file__).parent / "toy" / "prior"
+SHORT_NAMES = {"toy": TOY_PRIOR}
+"""Names that resolve to models shipped inside the package."""
+
+REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model id/path could not be resolved to a local diffusers-layout directory."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which prior to load and how."""
+
+    model: str = "toy"
+    """A diffusers model id (e.g. `stabilityai/stable-diffusion-2-1-base`), a local directory in the
+    diffusers layout, or a short name of a shipped model (`toy`)."""
+    revision: str | None = None
+    """Hub revision or variant folder, for ids."""
+    variant: str | None = None
+    """Weights variant on disk (`fp16` for SD/IF checkpoints that ship one)."""
+    dtype: str = "auto"
+    """`auto` (fp16 on CUDA, fp32 on CPU), `float32`, `float16` or `bfloat16`."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, …"""
+    channels_last: bool = False
+    """Put the UNet in channels-last memory format (faster convolutions on recent GPUs)."""
+    attention_slicing: bool = False
+    """Trade speed for memory in the UNet's attention (for small GPUs)."""
+    max_length: int | None = None
+    """Text sequence length; default: the tokenizer's `model_max_length` (77 for SD's CLIP)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    valid = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in valid:
+        raise ValueError(f"unknown dtype {name!r}; valid: auto, {', '.join(valid)}")
+    return valid[name]
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> Path:
+    """A local directory in the diffusers layout for `model`, without downloading unless allowed.
+
+    Order: shipped short names, an existing local path, the Hugging Face cache (offline), and
+    finally a download unless `HF_HUB_OFFLINE` is set.
+    """
+    if model in SHORT_NAMES:
+        path = SHORT_NAMES[model]
+        if not (path / "model_index.json").exists():
+            raise ModelNotFoundError(
+                f"the shipped model {model!r} is missing at {path}; reinstall csd-asset or train it with "
+                "`python -m csd.toy.train`"
+            )
+        return path
+    local = Path(model).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").exists():
+            raise ModelNotFoundError(f"{local} exists but is not a diffusers model folder (no model_index.json)")
+        return local
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelNotFoundError(
+            f"model {model!r} is neither a local folder nor a Hugging Face id of the form 'owner/name'; "
+            f"shipped short names: {', '.join(SHORT_NAMES)}"
+        )
+    from huggingface_hub import constants, snapshot_download
+
+    patterns = ["model_index.json", *(f"{c}/*" for c in (*REQUIRED_COMPONENTS, "vae"))]
+    try:
+        return Path(snapshot_download(model, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception as cached_error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        where = f"the Hugging Face cache at {constants.HF_HUB_CACHE}"
+        advice = (
+            f"Provide it as a local folder in the diffusers layout (model: /path/to/{model.split('/')[-1]}), "
+            f"or download it once on a machine with access (`huggingface-cli download {model}`) into {where} "
+            "and point HF_HOME there."
+        )
+        if offline:
+            raise ModelNotFoundError(f"model {model!r} is not in {where} and HF_HUB_OFFLINE is set. {advice}") from cached_error
+        try:
+            return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
+        except Exception as download_error:
+            raise ModelNotFoundError(
+                f"model {model!r} is not in {where} and could not be downloaded ({type(download_error).__name__}: "
+                f"{download_error}). {advice}"
+            ) from download_error
+
+
+def _component_class(library: str, class_name: str):
+    if library not in ("diffusers", "transformers"):
+        raise ModelNotFoundError(f"component library {library!r} is not supported (diffusers, transformers)")
+    return getattr(importlib.import_module(library), class_name)
+
+
+@dataclass
+class DiffusionPrior:
+    """A frozen text-to-image diffusion model, ready for score distillation.
+
+    `kind` is `latent` (a VAE maps renders to latents, SD) or `pixel` (renders are the model's
+    input, IF stage I and the toy prior). `resolution` is the render side the model expects.
+    """
+
+    identity: str
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    alphas_cumprod: Tensor  # (T,) on device, float32
+    vae: torch.nn.Module | None
+    device: torch.device
+    dtype: torch.dtype
+    max_length: int
+
+    @property
+    def kind(self) -> str:
+        return "latent" if self.vae is not None else "pixel"
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    @property
+    def resolution(self) -> int:
+        if self.vae is not None:
+            return int(self.vae.config.sample_size)
+        return int(self.unet.config.sample_size)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """`N` texts → `(N, L, D)` last hidden states (as SD and IF condition their UNets)."""
+        tokens = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
+        kwargs = {}
+        if getattr(self.text_encoder.config, "model_type", "") == "t5":
+            kwargs["attention_mask"] = tokens.attention_mask.to(self.device)
+        return self.text_encoder(tokens.input_ids.to(self.device), **kwargs).last_hidden_state.to(self.dtype)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Renders `(B, 3, H, W)` in [0, 1] → the model's input space `z` (differentiable).
+
+        Pixel models: resized to the UNet's size, scaled to [-1, 1]. Latent models: resized to
+        the VAE's size, scaled to [-1, 1], encoded (posterior mean) and multiplied by the VAE's
+        `scaling_factor`.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        size = self.resolution
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, (size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = (images * 2.0 - 1.0).to(self.dtype)
+        if self.vae is None:
+            return x
+        posterior = self.vae.encode(x).latent_dist
+        return posterior.mean * self.vae.config.scaling_factor
+
+    def predict_noise(self, z_t: Tensor, t: Tensor, text_embeddings: Tensor) -> Tensor:
+        """ε prediction `(B, C, h, w)`; the learned-variance channels of IF are dropped."""
+        out = self.unet(z_t.to(self.dtype), t, encoder_hidden_states=text_embeddings).sample
+        if out.shape[1] == 2 * z_t.shape[1]:
+            out = out[:, : z_t.shape[1]]
+        return out
+
+
+def load_prior(config: ModelConfig = ModelConfig()) -> DiffusionPrior:
+    """Load a prior from a model id, local path or shipped short name (see `ModelConfig`)."""
+    path = resolve_model_path(config.model, config.revision)
+    index = json.loads((path / "model_index.json").read_text())
+    missing = [c for c in REQUIRED_COMPONENTS if c not in index or (index[c] and index[c][0] is None)]
+    if missing:
+        raise ModelNotFoundError(f"{path}/model_index.json lacks components {missing}; need {list(REQUIRED_COMPONENTS)}")
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+
+    def load(name: str, **kwargs):
+        library, class_name = index[name]
+        cls = _component_class(library, class_name)
+        if name == "tokenizer" and class_name == "PreTrainedTokenizerFast":
+            cls = _component_class("transformers", "AutoTokenizer")
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return cls.from_pretrained(path, subfolder=name, **kwargs)
+
+    weights = {"torch_dtype": dtype, "variant": config.variant}
+    unet = load("unet", **weights)
+    text_encoder = load("text_encoder", **weights)
+    tokenizer = load("tokenizer")
+    scheduler = load("scheduler")
+    vae = load("vae", **weights) if index.get("vae") and index["vae"][0] is not None else None
+    for module in (unet, text_encoder, vae):
+        if module is not None:
+            module.requires_grad_(False).eval().to(device)
+    if config.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if config.attention_slicing:
+        unet.set_attention_slice("auto")
+    max_length = config.max_length or min(int(getattr(tokenizer, "model_max_length", 77)), 512)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    identity = f"{config.model}@{config.revision or ''}:{_fingerprint(path)}"
+    log.info("loaded %s prior %s (%s, %s) from %s", "latent" if vae is not None else "pixel", config.model, device, dtype, path)
+    return DiffusionPrior(identity, unet, text_encoder, tokenizer, alphas_cumprod, vae, device, dtype, max_length)
+
+
+def _fingerprint(path: Path) -> str:
+    """Changes when the text encoder or tokenizer changes (keys the embedding cache).
+
+    Hashes configs, file sizes and the first MiB of each weight file: cheap even for T5-XXL.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted([*(path / "text_encoder").glob("*"), *(path / "tokenizer").glob("*")]):
+        if file.is_file():
+            with file.open("rb") as handle:
+                digest.update(f"{file.parent.name}/{file.name}:{file.stat().st_size}:".encode() + handle.read(1 << 20))
+    return digest.hexdigest()[:16]

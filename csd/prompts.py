@@ -1,0 +1,164 @@
+"""Prompt processing: view-dependent prompts and cached text embeddings.
+
+A `PromptProcessor` turns one prompt, its negative prompt and the empty prompt into text embeddings
+once (memory cache, plus an on-disk cache keyed by model and text so a batch of assets sharing a
+negative prompt pays once), then serves a batch of cameras with the view-dependent variant of the
+prompt (threestudio / DreamFusion: ", front view", ", side view", ", back view", ", overhead view").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from csd.models import DiffusionPrior
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("front", "side", "back", "overhead")
+VIEW_SUFFIXES = {view: f", {view} view" for view in VIEWS}
+
+
+@dataclass(frozen=True)
+class ViewThresholds:
+    """Angles (degrees) that pick a view suffix; threestudio defaults."""
+
+    front: float = 45.0
+    """Front when |azimuth| < front."""
+    back: float = 45.0
+    """Back when |azimuth| > 180 - back."""
+    overhead: float = 60.0
+    """Overhead when elevation > overhead (takes precedence over the azimuth views)."""
+
+
+def wrap_azimuth(azimuth: Tensor) -> Tensor:
+    """Degrees → (-180, 180]."""
+    wrapped = torch.remainder(azimuth + 180.0, 360.0) - 180.0
+    return torch.where(wrapped == -180.0, torch.full_like(wrapped, 180.0), wrapped)
+
+
+def view_indices(elevation: Tensor, azimuth: Tensor, thresholds: ViewThresholds = ViewThresholds()) -> Tensor:
+    """`(B,)` degrees → `(B,)` long indices into `VIEWS`."""
+    azimuth = wrap_azimuth(torch.as_tensor(azimuth, dtype=torch.float32)).abs()
+    elevation = torch.as_tensor(elevation, dtype=torch.float32)
+    index = torch.full(azimuth.shape, VIEWS.index("side"), dtype=torch.long)
+    index[azimuth < thresholds.front] = VIEWS.index("front")
+    index[azimuth > 180.0 - thresholds.back] = VIEWS.index("back")
+    index[elevation > thresholds.overhead] = VIEWS.index("overhead")
+    return index
+
+
+def view_names(elevation: Tensor, azimuth: Tensor, thresholds: ViewThresholds = ViewThresholds()) -> list[str]:
+    return [VIEWS[i] for i in view_indices(elevation, azimuth, thresholds).tolist()]
+
+
+def view_prompt(prompt: str, view: str) -> str:
+    """The prompt with a view suffix; an empty prompt stays empty (it trains/queries ε_∅)."""
+    if view not in VIEW_SUFFIXES:
+        raise ValueError(f"unknown view {view!r}; valid: {', '.join(VIEWS)}")
+    return f"{prompt}{VIEW_SUFFIXES[view]}" if prompt else prompt
+
+
+@dataclass
+class PromptEmbeddings:
+    """Per-camera text embeddings, each `(B, L, D)`; `negative` is None when there is no negative prompt."""
+
+    prompt: Tensor
+    negative: Tensor | None
+    null: Tensor
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("CSD_ASSET_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "csd-asset")
+    return Path(root) / "text-embeddings"
+
+
+class TextEmbeddingCache:
+    """Text → embedding, in memory and on disk; keyed by the model's identity and the exact text."""
+
+    def __init__(self, prior: "DiffusionPrior", cache_dir: Path | None = None):
+        self.prior = prior
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._memory: dict[str, Tensor] = {}
+
+    def _key(self, text: str) -> str:
+        return hashlib.sha256(f"{self.prior.identity}\x00{text}".encode()).hexdigest()[:32]
+
+    def get(self, texts: list[str]) -> Tensor:
+        """`N` texts → `(N, L, D)` embeddings on the prior's device and dtype."""
+        from safetensors.torch import load_file, save_file
+
+        missing = []
+        for text in dict.fromkeys(texts):
+            key = self._key(text)
+            if key in self._memory:
+                continue
+            path = self.cache_dir / f"{key}.safetensors"
+            if path.exists():
+                try:
+                    self._memory[key] = load_file(str(path))["embedding"]
+                    continue
+                except Exception as error:  # a torn file from a killed process: recompute it
+                    log.warning("ignoring unreadable embedding cache file %s: %s", path, error)
+            missing.append(text)
+        if missing:
+            embeddings = self.prior.encode_text(missing).detach().to("cpu", torch.float32)
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            for text, embedding in zip(missing, embeddings):
+                key = self._key(text)
+                self._memory[key] = embedding.contiguous()
+                tmp = self.cache_dir / f".{key}.{os.getpid()}.tmp"
+                save_file({"embedding": self._memory[key]}, str(tmp))
+                os.replace(tmp, self.cache_dir / f"{key}.safetensors")
+        stacked = torch.stack([self._memory[self._key(t)] for t in texts])
+        return stacked.to(self.prior.device, self.prior.dtype)
+
+
+class PromptProcessor:
+    """Embeddings of one prompt (view-dependent or not), its negative prompt and the empty prompt."""
+
+    def __init__(
+        self,
+        prior: "DiffusionPrior",
+        prompt: str,
+        negative_prompt: str = "",
+        view_dependent: bool = True,
+        thresholds: ViewThresholds = ViewThresholds(),
+        cache: TextEmbeddingCache | None = None,
+    ):
+        if not prompt.strip():
+            raise ValueError("prompt is empty; a prompt describes the asset to generate")
+        self.prompt = prompt
+        self.negative_prompt = negative_prompt
+        self.view_dependent = view_dependent
+        self.thresholds = thresholds
+        self.cache = cache or TextEmbeddingCache(prior)
+        texts = [view_prompt(prompt, v) for v in VIEWS] if view_dependent else [prompt]
+        self._prompt_embeddings = self.cache.get(texts)  # (V, L, D)
+        self._null = self.cache.get([""])  # (1, L, D)
+        self._negative = self.cache.get([negative_prompt]) if negative_prompt else None
+
+    def __call__(self, elevation: Tensor, azimuth: Tensor) -> PromptEmbeddings:
+        """Embeddings for a batch of cameras given by `(B,)` elevation and azimuth in degrees."""
+        batch = len(elevation)
+        if self.view_dependent:
+            index = view_indices(elevation.cpu(), azimuth.cpu(), self.thresholds).to(self._prompt_embeddings.device)
+            prompt = self._prompt_embeddings[index]
+        else:
+            prompt = self._prompt_embeddings.expand(batch, -1, -1)
+        negative = self._negative.expand(batch, -1, -1) if self._negative is not None else None
+        return PromptEmbeddings(prompt, negative, self._null.expand(batch, -1, -1))
+
+    def texts(self, elevation: Tensor, azimuth: Tensor) -> list[str]:
+        """The prompts used for these cameras (for logging)."""
+        if not self.view_dependent:
+            return [self.prompt] * len(elevation)
+        return [view_prompt(self.prompt, v) for v in view_names(elevation, azimuth, self.thresholds)]

@@ -1,0 +1,35 @@
+"""Scalar schedules as in threestudio configs: a number, or `[start_step, start_value, end_value, end_step]`.
+
+The value is `start_value` up to `start_step`, moves linearly to `end_value` at `end_step` and
+stays there.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+Schedule = Union[float, int, Sequence[float]]
+
+
+def validate_schedule(schedule: Schedule, name: str = "schedule") -> None:
+    if isinstance(schedule, (int, float)):
+        return
+    if not isinstance(schedule, (list, tuple)) or len(schedule) != 4:
+        raise ValueError(f"{name}: expected a number or [start_step, start_value, end_value, end_step], got {schedule!r}")
+    start_step, _, _, end_step = schedule
+    if end_step < start_step:
+        raise ValueError(f"{name}: end_step {end_step} is before start_step {start_step} in {list(schedule)}")
+
+
+def schedule_value(schedule: Schedule, step: int) -> float:
+    """The value of `schedule` at `step`."""
+    if isinstance(schedule, (int, float)):
+        return float(schedule)
+    validate_schedule(schedule)
+    start_step, start_value, end_value, end_step = (float(v) for v in schedule)
+    if step >= end_step:
+        return end_value
+    if step <= start_step:
+        return start_value
+    fraction = (step - start_step) / (end_step - start_step)
+    return start_value + fraction * (end_value - start_value)

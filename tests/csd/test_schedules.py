@@ -1,0 +1,35 @@
+import pytest
+
+from csd.schedules import schedule_value, validate_schedule
+
+
+def test_constant_schedule():
+    assert schedule_value(-1, 0) == -1.0
+    assert schedule_value(0.5, 10_000) == 0.5
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [(-5, 0.98), (0, 0.98), (2500, 0.74), (5000, 0.5), (9000, 0.5)],
+)
+def test_linear_schedule_boundaries_and_midpoint(step, expected):
+    # official csd-if t_max: [0, 0.98, 0.5, 5000]
+    assert schedule_value([0, 0.98, 0.5, 5000], step) == pytest.approx(expected)
+
+
+def test_schedule_with_late_start():
+    schedule = [1000, 0.0, -1.0, 3000]
+    assert schedule_value(schedule, 999) == 0.0
+    assert schedule_value(schedule, 2000) == pytest.approx(-0.5)
+    assert schedule_value(schedule, 3001) == -1.0
+
+
+def test_step_schedule_with_equal_steps_jumps():
+    assert schedule_value([100, 1.0, 2.0, 100], 99) == 1.0
+    assert schedule_value([100, 1.0, 2.0, 100], 100) == 2.0
+
+
+@pytest.mark.parametrize("bad", [[0, 1, 2], "x", [10, 0, 1, 5]])
+def test_invalid_schedules_raise(bad):
+    with pytest.raises(ValueError):
+        validate_schedule(bad, "null_scale")
