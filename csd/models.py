@@ -8,6 +8,7 @@ text encoder) and the shipped toy prior (pixel, tiny CLIP): the components named
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -189,6 +190,12 @@ class DiffusionPrior:
         if out.shape[1] == 2 * z_t.shape[1]:
             out = out[:, : z_t.shape[1]]
         return out
+
+
+@functools.lru_cache(maxsize=2)
+def load_prior_cached(config: ModelConfig) -> DiffusionPrior:
+    """`load_prior`, kept in memory so a batch of assets in one process loads the weights once."""
+    return load_prior(config)
 
 
 def load_prior(config: ModelConfig = ModelConfig()) -> DiffusionPrior:

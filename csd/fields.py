@@ -1,0 +1,226 @@
+"""Implicit volume: a multi-resolution hash-grid encoding and a small MLP giving density and albedo.
+
+The hash grid follows Instant-NGP as configured in threestudio/CSD (12 levels × 2 features, 2^19
+table, base resolution 16, max 512). Coarse levels whose vertex count fits the table are stored
+densely and read with `grid_sample` (fast on CPU and GPU); finer levels are hashed. The density
+gets Magic3D's blob bias, so optimisation starts from a ball at the origin.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_PRIMES = (1, 2654435761, 805459861)
+
+
+class ImplicitField(Protocol):
+    """What `mesh` and `uv` need from a field: density and albedo at world points inside `bound`."""
+
+    bound: float
+
+    def density(self, points: Tensor) -> Tensor:
+        """`(N, 3)` world points → `(N,)` non-negative densities."""
+
+    def albedo(self, points: Tensor) -> Tensor:
+        """`(N, 3)` world points → `(N, 3)` colours in [0, 1]."""
+
+
+@dataclass(frozen=True)
+class FieldConfig:
+    """Hash grid, MLP and density initialisation (official: threestudio implicit-volume)."""
+
+    bound: float = 1.0
+    """Half side of the cube (and radius of the sphere) the field lives in, world units."""
+    n_levels: int = 12
+    n_features_per_level: int = 2
+    log2_hashmap_size: int = 19
+    base_resolution: int = 16
+    max_resolution: int = 512
+    hidden_dim: int = 64
+    n_hidden_layers: int = 1
+    density_bias: str = "blob_magic3d"
+    """`blob_magic3d`: scale · (1 − |x| / std); `none`."""
+    density_blob_scale: float = 10.0
+    density_blob_std: float = 0.5
+    density_activation: str = "softplus"
+    """`softplus` or `exp`."""
+    normal_eps: float = 0.01
+    """Finite-difference step for normals, world units."""
+    backend: str = "torch"
+    """`torch` (pure PyTorch) or `tcnn` (tiny-cuda-nn, CUDA only, when installed)."""
+
+
+class HashGridEncoding(nn.Module):
+    """Points in [0, 1]³ `(N, 3)` → features `(N, n_levels · n_features_per_level)`."""
+
+    def __init__(self, config: FieldConfig):
+        super().__init__()
+        self.config = config
+        table = 2**config.log2_hashmap_size
+        growth = math.exp(math.log(config.max_resolution / config.base_resolution) / max(1, config.n_levels - 1))
+        self.resolutions = [int(math.floor(config.base_resolution * growth**level)) for level in range(config.n_levels)]
+        self.dense = nn.ParameterList()
+        self.hashed = nn.ParameterList()
+        self.dense_levels, self.hashed_levels = [], []
+        for level, resolution in enumerate(self.resolutions):
+            vertices = resolution + 1
+            if vertices**3 <= table:
+                init = torch.empty(1, config.n_features_per_level, vertices, vertices, vertices).uniform_(-1e-4, 1e-4)
+                self.dense.append(nn.Parameter(init))
+                self.dense_levels.append(level)
+            else:
+                self.hashed.append(nn.Parameter(torch.empty(table, config.n_features_per_level).uniform_(-1e-4, 1e-4)))
+                self.hashed_levels.append(level)
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.n_levels * self.config.n_features_per_level
+
+    def forward(self, x: Tensor) -> Tensor:
+        features: list[Tensor] = [None] * self.config.n_levels  # type: ignore[list-item]
+        # grid_sample wants (x, y, z) in [-1, 1] indexing (W, H, D); our grids are indexed [x, y, z] → flip
+        grid = (x * 2 - 1).flip(-1).view(1, -1, 1, 1, 3).to(self.dense[0].dtype if len(self.dense) else x.dtype)
+        for level, table in zip(self.dense_levels, self.dense):
+            sampled = F.grid_sample(table, grid, mode="bilinear", align_corners=True, padding_mode="border")
+            features[level] = sampled.view(table.shape[1], -1).t()
+        for level, table in zip(self.hashed_levels, self.hashed):
+            features[level] = self._hashed_lookup(x, self.resolutions[level], table)
+        return torch.cat(features, dim=-1)
+
+    @staticmethod
+    def _hashed_lookup(x: Tensor, resolution: int, table: Tensor) -> Tensor:
+        scaled = x * resolution
+        corner = scaled.floor().long().clamp(0, resolution - 1)
+        frac = scaled - corner
+        out = 0.0
+        for offset in range(8):
+            bits = torch.tensor([(offset >> 2) & 1, (offset >> 1) & 1, offset & 1], device=x.device)
+            vertex = corner + bits
+            index = (vertex[:, 0] * _PRIMES[0]) ^ (vertex[:, 1] * _PRIMES[1]) ^ (vertex[:, 2] * _PRIMES[2])
+            index = index % table.shape[0]
+            weight = torch.where(bits.bool(), frac, 1 - frac).prod(-1, keepdim=True)
+            out = out + weight * table[index]
+        return out
+
+
+class ImplicitVolume(nn.Module):
+    """Density + albedo field inside `[-bound, bound]³`."""
+
+    def __init__(self, config: FieldConfig = FieldConfig()):
+        super().__init__()
+        self.config = config
+        self.bound = config.bound
+        if config.backend == "tcnn":
+            self.encoding = _tcnn_encoding(config)
+            encoding_dim = self.encoding.n_output_dims
+        elif config.backend == "torch":
+            self.encoding = HashGridEncoding(config)
+            encoding_dim = self.encoding.output_dim
+        else:
+            raise ValueError(f"unknown field backend {config.backend!r}; valid: torch, tcnn")
+        layers: list[nn.Module] = []
+        width = encoding_dim
+        for _ in range(config.n_hidden_layers):
+            layers += [nn.Linear(width, config.hidden_dim), nn.ReLU(inplace=True)]
+            width = config.hidden_dim
+        layers.append(nn.Linear(width, 4))
+        self.mlp = nn.Sequential(*layers)
+        if config.density_bias not in ("blob_magic3d", "none"):
+            raise ValueError(f"unknown density_bias {config.density_bias!r}; valid: blob_magic3d, none")
+        if config.density_activation not in ("softplus", "exp"):
+            raise ValueError(f"unknown density_activation {config.density_activation!r}; valid: softplus, exp")
+
+    def _raw(self, points: Tensor) -> Tensor:
+        x = ((points / self.bound) * 0.5 + 0.5).clamp(0.0, 1.0)
+        return self.mlp(self.encoding(x).float())
+
+    def _density_from_raw(self, raw: Tensor, points: Tensor) -> Tensor:
+        value = raw[..., 0]
+        if self.config.density_bias == "blob_magic3d":
+            # Magic3D: density_blob_scale * (1 - |x| / density_blob_std)
+            value = value + self.config.density_blob_scale * (1 - points.norm(dim=-1) / self.config.density_blob_std)
+        if self.config.density_activation == "softplus":
+            return F.softplus(value)
+        return torch.exp(value.clamp(max=15.0))
+
+    def forward(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """`(N, 3)` world points → density `(N,)` and albedo `(N, 3)` in [0, 1]."""
+        raw = self._raw(points)
+        return self._density_from_raw(raw, points), torch.sigmoid(raw[..., 1:])
+
+    def density(self, points: Tensor) -> Tensor:
+        raw = self._raw(points)
+        return self._density_from_raw(raw, points)
+
+    def albedo(self, points: Tensor) -> Tensor:
+        return torch.sigmoid(self._raw(points)[..., 1:])
+
+    def normal(self, points: Tensor, density: Tensor | None = None) -> Tensor:
+        """Unit normals `(N, 3)` = −∇σ/|∇σ| by forward finite differences (differentiable)."""
+        eps = self.config.normal_eps
+        if density is None:
+            density = self.density(points)
+        offsets = torch.eye(3, device=points.device, dtype=points.dtype) * eps
+        shifted = self.density((points[:, None, :] + offsets[None]).reshape(-1, 3)).view(-1, 3)
+        gradient = (shifted - density[:, None]) / eps
+        return -F.normalize(gradient, dim=-1)
+
+
+def _tcnn_encoding(config: FieldConfig):
+    if not torch.cuda.is_available():
+        raise ValueError("field backend 'tcnn' needs CUDA; use backend: torch on this machine")
+    import tinycudann as tcnn  # CUDA only, imported only when asked for
+
+    growth = math.exp(math.log(config.max_resolution / config.base_resolution) / max(1, config.n_levels - 1))
+    return tcnn.Encoding(
+        3,
+        {
+            "otype": "HashGrid",
+            "n_levels": config.n_levels,
+            "n_features_per_level": config.n_features_per_level,
+            "log2_hashmap_size": config.log2_hashmap_size,
+            "base_resolution": config.base_resolution,
+            "per_level_scale": growth,
+        },
+    )
+
+
+FIELD_WEIGHTS = "field.safetensors"
+FIELD_CONFIG = "field.json"
+
+
+def save_field(volume: ImplicitVolume, directory: Path) -> None:
+    """Write weights + config so `load_field` can rebuild the field in another process."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in volume.state_dict().items()}
+    config = asdict(volume.config)
+    if config["backend"] == "tcnn":
+        raise ValueError("saving tcnn fields is not supported; train with backend: torch to export")
+    save_file(state, str(directory / FIELD_WEIGHTS))
+    (directory / FIELD_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def load_field(directory: Path, device: str | torch.device = "cpu") -> ImplicitVolume:
+    """Rebuild a field saved by `save_field` (weights frozen, eval mode)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for name in (FIELD_WEIGHTS, FIELD_CONFIG):
+        if not (directory / name).exists():
+            raise FileNotFoundError(f"{directory} holds no saved field ({name} missing); run the nerf stage first")
+    config = FieldConfig(**json.loads((directory / FIELD_CONFIG).read_text()))
+    volume = ImplicitVolume(config)
+    volume.load_state_dict(load_file(str(directory / FIELD_WEIGHTS)))
+    return volume.to(device).eval().requires_grad_(False)

@@ -1,0 +1,212 @@
+"""Volume renderer: bounding-sphere ray intersection, stratified samples, an occupancy grid that skips
+empty space, alpha compositing; shading (albedo / diffuse / textureless) and backgrounds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from csd.cameras import Cameras, get_rays
+
+SHADING_MODES = ("albedo", "diffuse", "textureless")
+BACKGROUNDS = ("solid", "random", "learned")
+
+
+@dataclass(frozen=True)
+class RendererConfig:
+    """Sampling, occupancy grid, shading and background."""
+
+    num_samples: int = 64
+    """Stratified samples per ray inside the bounding sphere."""
+    occupancy_resolution: int = 32
+    """Occupancy grid cells per side (0 disables the grid)."""
+    occupancy_threshold: float = 0.01
+    """A cell is occupied while its (decayed max) density × cell size exceeds this optical depth."""
+    occupancy_update_every: int = 16
+    """Re-evaluate the grid every N training steps."""
+    occupancy_decay: float = 0.95
+    ambient: float = 0.4
+    """Ambient light share in diffuse shading (the rest is lambertian from the point light)."""
+    background: str = "random"
+    """`solid` (background_color), `random` (a random light colour per view, like the toy world) or `learned`."""
+    background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    random_background_range: tuple[float, float] = (0.65, 1.0)
+    random_background_prob: float = 0.5
+    """With a `learned` background: probability of replacing it by a random colour (threestudio random_aug)."""
+
+
+@dataclass
+class RenderOutput:
+    """`rgb` `(B, 3, H, W)` in [0, 1] (composited on the background); `opacity`, `depth` `(B, 1, H, W)`;
+    `normal` `(B, 3, H, W)` world-space composited normals (zeros when not computed);
+    `orientation` scalar Ref-NeRF orientation penalty (0 when normals were not computed)."""
+
+    rgb: Tensor
+    opacity: Tensor
+    depth: Tensor
+    normal: Tensor
+    orientation: Tensor
+
+
+class EnvironmentBackground(nn.Module):
+    """A tiny MLP from view direction to colour (threestudio neural-environment-map-background)."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(3, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 3))
+
+    def forward(self, directions: Tensor) -> Tensor:
+        return torch.sigmoid(self.mlp(directions))
+
+
+class OccupancyGrid:
+    """Binary grid over `[-bound, bound]³` marking cells whose density is not negligible."""
+
+    def __init__(self, resolution: int, bound: float, threshold: float, decay: float, device="cpu"):
+        self.resolution, self.bound, self.threshold, self.decay = resolution, bound, threshold, decay
+        self.density = torch.full((resolution,) * 3, 1e3, device=device)
+        self.occupied = torch.ones((resolution,) * 3, dtype=torch.bool, device=device)
+        self.cell = 2 * bound / resolution
+
+    @torch.no_grad()
+    def update(self, density_fn, generator: torch.Generator | None = None) -> None:
+        r = self.resolution
+        index = torch.stack(torch.meshgrid(*(torch.arange(r),) * 3, indexing="ij"), -1).view(-1, 3).float()
+        jitter = torch.rand(index.shape, generator=generator)
+        points = ((index + jitter) / r * 2 - 1) * self.bound
+        density = density_fn(points.to(self.density.device)).view(r, r, r)
+        self.density = torch.maximum(self.density * self.decay, density)
+        self.occupied = self.density * self.cell > self.threshold
+
+    def query(self, points: Tensor) -> Tensor:
+        """`(N, 3)` → `(N,)` bool."""
+        index = ((points / self.bound * 0.5 + 0.5) * self.resolution).long().clamp(0, self.resolution - 1)
+        return self.occupied[index[:, 0], index[:, 1], index[:, 2]]
+
+
+def intersect_sphere(origins: Tensor, directions: Tensor, radius: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Near/far distances `(N,)` of unit rays with the sphere |x| = radius, and a hit mask."""
+    b = (origins * directions).sum(-1)
+    c = (origins * origins).sum(-1) - radius * radius
+    disc = b * b - c
+    hit = disc > 0
+    root = torch.sqrt(disc.clamp(min=0))
+    near = (-b - root).clamp(min=0)
+    far = (-b + root).clamp(min=0)
+    return near, far, hit & (far > near)
+
+
+def composite(density: Tensor, values: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
+    """Alpha compositing. `density`, `deltas` `(R, S)`; `values` `(R, S, C)` → weights `(R, S)`, `(R, C)`."""
+    alpha = 1 - torch.exp(-density * deltas)
+    transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], dim=1), dim=1)[:, :-1]
+    weights = alpha * transmittance
+    return weights, (weights[..., None] * values).sum(1)
+
+
+class VolumeRenderer:
+    """Renders an `ImplicitVolume` for a batch of cameras."""
+
+    def __init__(self, config: RendererConfig, bound: float, device="cpu"):
+        if config.background not in BACKGROUNDS:
+            raise ValueError(f"unknown background {config.background!r}; valid: {', '.join(BACKGROUNDS)}")
+        self.config = config
+        self.bound = bound
+        self.grid = (
+            OccupancyGrid(config.occupancy_resolution, bound, config.occupancy_threshold, config.occupancy_decay, device)
+            if config.occupancy_resolution > 0
+            else None
+        )
+        self.environment = EnvironmentBackground().to(device) if config.background == "learned" else None
+
+    def update_occupancy(self, field, step: int, generator: torch.Generator | None = None) -> None:
+        if self.grid is not None and step % self.config.occupancy_update_every == 0:
+            self.grid.update(field.density, generator)
+
+    def background(self, directions: Tensor, batch: int, generator: torch.Generator | None, training: bool) -> Tensor:
+        """Background colours `(B, H*W, 3)` for ray directions `(B, H*W, 3)`."""
+        c = self.config
+        device = directions.device
+        low, high = c.random_background_range
+        random = (low + (high - low) * torch.rand(batch, 1, 3, generator=generator)).to(device).expand_as(directions)
+        solid = torch.tensor(c.background_color, device=device).expand_as(directions)
+        if c.background == "solid" or (c.background == "random" and not training):
+            return solid
+        if c.background == "random":
+            return random
+        learned = self.environment(directions)
+        if training and float(torch.rand(1, generator=generator)) < c.random_background_prob:
+            return random
+        return learned
+
+    def render(
+        self,
+        field,
+        cameras: Cameras,
+        height: int,
+        width: int | None = None,
+        shading: str = "albedo",
+        generator: torch.Generator | None = None,
+        training: bool = True,
+        compute_normals: bool = False,
+    ) -> RenderOutput:
+        if shading not in SHADING_MODES:
+            raise ValueError(f"unknown shading {shading!r}; valid: {', '.join(SHADING_MODES)}")
+        width = width or height
+        c = self.config
+        device = cameras.c2w.device
+        batch = len(cameras)
+        origins, directions = get_rays(cameras, height, width)
+        origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
+        near, far, hit = intersect_sphere(origins, directions, self.bound)
+        n_rays, n = origins.shape[0], c.num_samples
+        span = (far - near).clamp(min=0)
+        jitter = torch.rand(n_rays, n, generator=generator).to(device) if training else torch.full((n_rays, n), 0.5, device=device)
+        t = near[:, None] + (torch.arange(n, device=device)[None] + jitter) / n * span[:, None]
+        deltas = (span / n)[:, None].expand(-1, n)
+        points = origins[:, None, :] + t[..., None] * directions[:, None, :]
+        flat = points.reshape(-1, 3)
+        active = hit[:, None].expand(-1, n).reshape(-1)
+        if self.grid is not None:
+            active = active & self.grid.query(flat)
+        density = torch.zeros(flat.shape[0], device=device)
+        albedo = torch.zeros(flat.shape[0], 3, device=device)
+        normal = torch.zeros(flat.shape[0], 3, device=device)
+        index = active.nonzero().squeeze(-1)
+        need_normals = compute_normals or shading != "albedo"
+        if index.numel() > 0:
+            active_points = flat[index]
+            sigma, rgb = field(active_points)
+            density = density.index_put((index,), sigma)
+            albedo = albedo.index_put((index,), rgb)
+            if need_normals:
+                normal = normal.index_put((index,), field.normal(active_points, sigma))
+        density, albedo, normal = density.view(n_rays, n), albedo.view(n_rays, n, 3), normal.view(n_rays, n, 3)
+
+        if shading == "albedo":
+            colour = albedo
+        else:
+            light = cameras.light_position.to(device)[:, None, None, :].expand(batch, height * width, n, 3).reshape(n_rays, n, 3)
+            lambert = (normal * F.normalize(light - points, dim=-1)).sum(-1, keepdim=True).clamp(min=0)
+            shade = c.ambient + (1 - c.ambient) * lambert
+            colour = albedo * shade if shading == "diffuse" else shade.expand(-1, -1, 3)
+
+        weights, rgb = composite(density, colour, deltas)
+        opacity = weights.sum(1, keepdim=True)
+        depth = (weights * t).sum(1, keepdim=True) / opacity.clamp(min=1e-6)
+        composited_normal = (weights[..., None] * normal).sum(1)
+        orientation = torch.zeros((), device=device)
+        if need_normals:
+            # Ref-NeRF orientation loss: normals should not face away from the camera
+            facing = (normal * directions[:, None, :]).sum(-1).clamp(min=0) ** 2
+            orientation = (weights.detach() * facing).sum(1).mean()
+        background = self.background(directions.view(batch, -1, 3), batch, generator, training).reshape(-1, 3)
+        rgb = rgb + (1 - opacity) * background
+
+        def image(x: Tensor) -> Tensor:
+            return x.view(batch, height, width, -1).permute(0, 3, 1, 2)
+
+        return RenderOutput(image(rgb), image(opacity), image(depth), image(composited_normal), orientation)

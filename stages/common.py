@@ -1,0 +1,179 @@
+"""What every stage shares: atomic stage directories, the result record, checkpoints, previews.
+
+A stage writes into `<stage>.partial/` next to its final directory; checkpoints live there too, so a
+crashed run resumes from them. Only when every output is written does `StageWorkspace.commit`
+write `result.json` and rename the directory into place (replacing an older result only then), so
+a crash never leaves a half stage that looks done and never loses what was there before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+StepCallback = Optional[Callable[[int, dict[str, float]], None]]
+"""Called by long stage loops with (step, metrics) — the flow logs them to MLflow."""
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class StageResult:
+    """What a finished stage reports: files (relative to `directory`), metrics, timings in seconds."""
+
+    stage: str
+    directory: str
+    outputs: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    previews: list[str] = field(default_factory=list)
+    identity: str = ""
+
+    def path(self, name: str) -> Path:
+        """Absolute path of output `name`."""
+        if name not in self.outputs:
+            raise KeyError(f"stage {self.stage!r} has no output {name!r}; it has {', '.join(self.outputs)}")
+        return Path(self.directory) / self.outputs[name]
+
+    @classmethod
+    def load(cls, directory: Path) -> "StageResult":
+        data = json.loads((Path(directory) / RESULT_FILE).read_text())
+        data["directory"] = str(directory)
+        return cls(**data)
+
+
+def completed(directory: Path, identity: str | None = None) -> StageResult | None:
+    """The result of a completed stage in `directory` (matching `identity` when given), else None."""
+    try:
+        result = StageResult.load(directory)
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+    if identity is not None and result.identity != identity:
+        return None
+    return result
+
+
+class StageWorkspace:
+    """`with StageWorkspace(final_dir, "nerf", identity) as ws:` — write into `ws.path`, then `ws.commit(result)`.
+
+    The `.partial` directory survives a crash (it holds checkpoints); it is reused only when it was
+    started for the same identity, otherwise it is cleared.
+    """
+
+    def __init__(self, directory: Path, stage: str, identity: str = ""):
+        self.final = Path(directory)
+        self.stage = stage
+        self.identity = identity
+        self.path = self.final.with_name(self.final.name + ".partial")
+        self._committed = False
+
+    def __enter__(self) -> "StageWorkspace":
+        marker = self.path / "identity.txt"
+        if self.path.exists() and (not marker.exists() or marker.read_text() != self.identity):
+            log.info("clearing stale partial stage %s", self.path)
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        marker.write_text(self.identity)
+        return self
+
+    def commit(self, result: StageResult) -> StageResult:
+        """Write `result.json` and move the directory into place atomically."""
+        result.identity = self.identity
+        result.directory = str(self.final)
+        payload = asdict(result)
+        payload.pop("directory")
+        atomic_write_text(self.path / RESULT_FILE, json.dumps(payload, indent=2))
+        (self.path / "identity.txt").unlink(missing_ok=True)
+        old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+        if self.final.exists():
+            os.replace(self.final, old)
+        os.replace(self.path, self.final)
+        shutil.rmtree(old, ignore_errors=True)
+        self._committed = True
+        return result
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self._committed:
+            raise RuntimeError(f"stage {self.stage} finished without committing its result")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_save(save: Callable[[Path], None], path: Path) -> None:
+    """Call `save(tmp_path)` then rename to `path` (checkpoints, weights)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    save(tmp)
+    os.replace(tmp, path)
+
+
+class Timer:
+    """Accumulates wall time per named section: `with timer("render"): ...`."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Section:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.totals[name] = timer.totals.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Section()
+
+
+def to_uint8(images) -> np.ndarray:
+    """`(B, 3, H, W)` tensor or `(B, H, W, 3)` array in [0, 1] → `(B, H, W, 3)` uint8."""
+    array = images.detach().cpu().float().numpy() if hasattr(images, "detach") else np.asarray(images)
+    if array.ndim == 4 and array.shape[1] in (3, 4) and array.shape[-1] not in (3, 4):
+        array = array.transpose(0, 2, 3, 1)
+    return (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+
+
+def upscale(frames: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour upscale `(B, H, W, 3)` frames to at least `size` pixels high."""
+    factor = max(1, int(np.ceil(size / frames.shape[1])))
+    return frames.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def contact_sheet(frames: np.ndarray, columns: int = 4) -> np.ndarray:
+    """`(B, H, W, 3)` → one image with the frames in a grid."""
+    b, h, w, c = frames.shape
+    rows = int(np.ceil(b / columns))
+    sheet = np.full((rows * h, columns * w, c), 255, dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        r, col = divmod(i, columns)
+        sheet[r * h : (r + 1) * h, col * w : (col + 1) * w] = frame
+    return sheet
+
+
+def write_previews(frames, directory: Path, name: str = "turntable", size: int = 256, columns: int = 4) -> list[str]:
+    """Turntable frames `(B, 3, H, W)` in [0, 1] → `<name>.png` (contact sheet) and `<name>.gif`."""
+    import imageio.v3 as iio
+
+    array = upscale(to_uint8(frames), size)
+    iio.imwrite(directory / f"{name}.png", contact_sheet(array, columns))
+    iio.imwrite(directory / f"{name}.gif", array, duration=100, loop=0)
+    return [f"{name}.png", f"{name}.gif"]
+
+
+def json_ready(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None}
