@@ -63,11 +63,14 @@ class EnvironmentBackground(nn.Module):
 
 
 class OccupancyGrid:
-    """Binary grid over `[-bound, bound]³` marking cells whose density is not negligible."""
+    """Binary grid over `[-bound, bound]³` marking cells whose density is not negligible.
+
+    Everything is occupied until the first update; each update takes a jittered density sample per
+    cell, keeps a decaying running max, thresholds it and dilates the mask by one cell."""
 
     def __init__(self, resolution: int, bound: float, threshold: float, decay: float, device="cpu"):
         self.resolution, self.bound, self.threshold, self.decay = resolution, bound, threshold, decay
-        self.density = torch.full((resolution,) * 3, 1e3, device=device)
+        self.density = torch.zeros((resolution,) * 3, device=device)
         self.occupied = torch.ones((resolution,) * 3, dtype=torch.bool, device=device)
         self.cell = 2 * bound / resolution
 
@@ -79,7 +82,9 @@ class OccupancyGrid:
         points = ((index + jitter) / r * 2 - 1) * self.bound
         density = density_fn(points.to(self.density.device)).view(r, r, r)
         self.density = torch.maximum(self.density * self.decay, density)
-        self.occupied = self.density * self.cell > self.threshold
+        occupied = (self.density * self.cell > self.threshold).float()[None, None]
+        # dilate by one cell: one jittered sample per cell can miss a surface that crosses it
+        self.occupied = F.max_pool3d(occupied, 3, stride=1, padding=1)[0, 0].bool()
 
     def query(self, points: Tensor) -> Tensor:
         """`(N, 3)` → `(N,)` bool."""
@@ -196,7 +201,12 @@ class VolumeRenderer:
 
         weights, rgb = composite(density, colour, deltas)
         opacity = weights.sum(1, keepdim=True)
-        depth = (weights * t).sum(1, keepdim=True) / opacity.clamp(min=1e-6)
+        # expected termination depth inside each interval of constant density σ: front + δ·f(σδ),
+        # f(x) = 1/x − 1/(eˣ − 1) (→ ½ for thin media, → 0 for opaque ones)
+        front = near[:, None] + torch.arange(n, device=device)[None] * deltas
+        optical = (density * deltas).detach()
+        inside = torch.where(optical < 1e-4, torch.full_like(optical, 0.5), 1 / optical.clamp(min=1e-4) - 1 / torch.expm1(optical.clamp(min=1e-4)))
+        depth = (weights * (front + deltas * inside)).sum(1, keepdim=True) / opacity.clamp(min=1e-6)
         composited_normal = (weights[..., None] * normal).sum(1)
         orientation = torch.zeros((), device=device)
         if need_normals:

@@ -9,3 +9,8 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==${CSD_TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# The Khronos glTF validator (npm) lets the tests check exported GLBs; optional where npm is absent.
+if command -v npm >/dev/null 2>&1 && [ ! -d .cache/node/node_modules/gltf-validator ]; then
+  npm install --silent --no-audit --no-fund --prefix .cache/node gltf-validator@2.0.0-dev.3.10 >/dev/null 2>&1 \
+    || echo "note: gltf-validator could not be installed; the GLB validator test will skip"
+fi

@@ -73,7 +73,7 @@ def write_textured_mesh(mesh: TexturedMesh, directory: Path) -> dict[str, str]:
     (directory / MESH_MTL).write_text(
         f"newmtl material0\nKa 1.000 1.000 1.000\nKd 1.000 1.000 1.000\nKs 0.000 0.000 0.000\nillum 1\nmap_Kd {TEXTURE_PNG}\n"
     )
-    mesh.to_trimesh(y_up=True).export(directory / ASSET_GLB)
+    mesh.to_trimesh(y_up=True).export(directory / ASSET_GLB, include_normals=True)
     return dict(TEXTURED_OUTPUTS)
 
 

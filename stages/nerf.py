@@ -180,7 +180,7 @@ def run(
             step += 1
             metrics = {
                 "loss": float(loss.detach()),
-                "guidance_loss": float(guided.loss),
+                "guidance_loss": float(guided.loss.detach()),
                 "grad_norm": guided.grad_norm,
                 "t": float(guided.timesteps.float().mean()),
                 "opacity": float(out.opacity.mean()),

@@ -1,0 +1,88 @@
+"""Volume renderer against a field with a known constant-density ball."""
+
+import math
+
+import pytest
+import torch
+
+from csd.cameras import make_cameras
+from csd.renderer import RendererConfig, VolumeRenderer, composite, intersect_sphere
+
+RADIUS = 0.5
+
+
+class BallField:
+    """Density σ inside |x| < 0.5, zero outside; red albedo; radial normals."""
+
+    bound = 1.0
+
+    def __init__(self, sigma):
+        self.sigma = sigma
+
+    def density(self, points):
+        return torch.where(points.norm(dim=-1) < RADIUS, self.sigma, 0.0)
+
+    def __call__(self, points):
+        return self.density(points), torch.tensor([1.0, 0.0, 0.0]).expand(len(points), 3)
+
+    def normal(self, points, density=None):
+        return torch.nn.functional.normalize(points, dim=-1)
+
+
+def _center_ray_camera(distance=2.0):
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    return make_cameras(one(0.0), one(0.0), one(distance), one(40.0))
+
+
+@pytest.mark.parametrize("occupancy_resolution", [0, 32])
+@pytest.mark.parametrize("sigma", [0.5, 2.0, 5.0])
+def test_opacity_through_ball_centre(sigma, occupancy_resolution):
+    renderer = VolumeRenderer(RendererConfig(num_samples=256, occupancy_resolution=occupancy_resolution, background="solid"), 1.0)
+    field = BallField(sigma)
+    renderer.update_occupancy(field, step=0)
+    out = renderer.render(field, _center_ray_camera(), 1, training=False)
+    expected = 1 - math.exp(-sigma * 2 * RADIUS)
+    assert float(out.opacity) == pytest.approx(expected, rel=0.01)
+    if occupancy_resolution:
+        assert renderer.grid.occupied.float().mean() < 0.2, "occupancy grid must skip the empty space"
+
+
+@pytest.mark.parametrize("occupancy_resolution", [0, 32])
+def test_depth_of_an_opaque_ball_is_its_entry_point(occupancy_resolution):
+    num_samples = 256
+    renderer = VolumeRenderer(RendererConfig(num_samples=num_samples, occupancy_resolution=occupancy_resolution, background="solid"), 1.0)
+    field = BallField(1e5)
+    renderer.update_occupancy(field, step=0)
+    for distance in (1.5, 1.77, 2.0):  # different entry offsets relative to the sample grid
+        out = renderer.render(field, _center_ray_camera(distance), 1, training=True, generator=torch.Generator().manual_seed(1))
+        spacing = 2 * 1.0 / num_samples  # bounding sphere chord through the centre / samples
+        assert float(out.opacity) == pytest.approx(1.0, abs=1e-4)
+        assert abs(float(out.depth) - (distance - RADIUS)) <= spacing / 2 + 1e-5
+
+
+def test_composite_matches_closed_form():
+    density = torch.full((1, 10), 3.0)
+    deltas = torch.full((1, 10), 0.1)
+    weights, value = composite(density, torch.ones(1, 10, 1), deltas)
+    assert float(weights.sum()) == pytest.approx(1 - math.exp(-3.0), rel=1e-5)
+    assert float(value) == pytest.approx(1 - math.exp(-3.0), rel=1e-5)
+
+
+def test_ray_sphere_intersection():
+    near, far, hit = intersect_sphere(torch.tensor([[2.0, 0, 0], [2.0, 2.0, 0]]), torch.tensor([[-1.0, 0, 0], [-1.0, 0, 0]]), 1.0)
+    assert hit.tolist() == [True, False]
+    assert (float(near[0]), float(far[0])) == pytest.approx((1.0, 3.0))
+
+
+def test_shading_modes_and_background():
+    renderer = VolumeRenderer(RendererConfig(num_samples=64, occupancy_resolution=0, background="solid", background_color=(0, 0, 1)), 1.0)
+    field = BallField(100.0)
+    cameras = _center_ray_camera()
+    albedo = renderer.render(field, cameras, 9, training=False)
+    assert albedo.rgb[0, :, 4, 4].tolist() == pytest.approx([1.0, 0.0, 0.0], abs=1e-3)  # centre: the red ball
+    assert albedo.rgb[0, :, 0, 0].tolist() == pytest.approx([0.0, 0.0, 1.0], abs=1e-3)  # corner: background
+    textureless = renderer.render(field, cameras, 9, shading="textureless", training=False)
+    # light at the camera, normal facing it: ambient + (1 - ambient) * 1 = 1 (grey-white)
+    assert textureless.rgb[0, :, 4, 4].tolist() == pytest.approx([1.0, 1.0, 1.0], abs=0.05)
+    with pytest.raises(ValueError, match="albedo, diffuse, textureless"):
+        renderer.render(field, cameras, 9, shading="phong")
