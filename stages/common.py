@@ -8,6 +8,8 @@ a crash never leaves a half stage that looks done and never loses what was there
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -106,6 +108,34 @@ class StageWorkspace:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None and not self._committed:
             raise RuntimeError(f"stage {self.stage} finished without committing its result")
+
+
+@contextlib.contextmanager
+def stage_lock(directory: Path, timeout: float | None = None):
+    """Exclusive lock on a stage directory (`<stage>.lock` next to it), across processes and machines
+    sharing a POSIX file system, so two batches never run the same stage at once; the second one
+    then finds the stage completed and reuses it. Waits up to `timeout` seconds (None: forever)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = directory.with_name(directory.name + ".lock")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with open(lock_path, "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"stage {directory} is locked by another run (lock file {lock_path})") from None
+                time.sleep(0.2)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -87,3 +87,15 @@ def test_textured_mesh_round_trip(tmp_path):
     assert np.array_equal(np.asarray(glb.visual.material.baseColorTexture)[..., :3], mesh.texture)
     with pytest.raises(ValueError, match="uvs must be"):
         TexturedMesh(box.vertices, box.faces, np.zeros((3, 2)), mesh.texture)
+
+
+def test_stage_lock_excludes_a_second_run_until_released(tmp_path):
+    from stages.common import stage_lock
+
+    target = tmp_path / "asset" / "nerf"
+    with stage_lock(target):
+        with pytest.raises(TimeoutError, match="locked by another run"):
+            with stage_lock(target, timeout=0.3):
+                pass
+    with stage_lock(target, timeout=0.3):
+        assert (tmp_path / "asset" / "nerf.lock").read_text().startswith(__import__("socket").gethostname())
