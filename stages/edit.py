@@ -1,0 +1,132 @@
+"""Stage `edit` (optional): CSD text-guided editing of a finished textured asset; geometry stays fixed.
+
+The target description is the prompt and the source description the negative prompt (DESIGN.md
+§2, Editing), so the classifier score pulls toward the target and away from the source:
+
+    g = (ε_target − ε_∅) − λ (ε_source − ε_∅)      i.e. a = 1, b = −λ, c = λ − 1,
+
+starting from the asset's texture; λ (`negative_weight`, a number or a schedule) trades alignment
+with the target against fidelity to the source asset. `run(config, out_dir, inputs={"texture": dir})`
+(or `{"uv": dir}` when `texture` did not run) uses the same loop, checkpoints and outputs as
+`stages.texture`, and reports evaluator scores against both prompts before and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from csd.guidance import GuidanceConfig, ScoreDistillation, guidance_config
+from csd.models import load_prior_cached
+from csd.prompts import PromptProcessor
+from csd.raster import MeshRenderer
+from csd.schedules import Schedule, validate_schedule
+from stages.common import StageResult, StageWorkspace, StepCallback
+from stages.texture import (
+    TextureOptimConfig,
+    evaluate,
+    finish_texture,
+    mean_change,
+    optimise_texture,
+    read_input_mesh,
+    texture_tensor,
+    validate_optim,
+    write_result,
+)
+
+VERSION = "1"
+"""Bump when a code change should invalidate finished `edit` stages."""
+
+_SET_BY_NEGATIVE_WEIGHT = ("prompt_scale", "negative_scale", "null_scale")
+
+
+@dataclass(frozen=True)
+class EditConfig(TextureOptimConfig):
+    """Everything the `edit` stage needs; presets fill it, the catalog row's `edit_prompt` sets `prompt`."""
+
+    prompt: str = ""
+    """The target description (what the asset should become)."""
+    source_prompt: str = ""
+    """The description the asset was made from; used as the negative prompt."""
+    negative_weight: Schedule = 1.0
+    """λ, the weight of the source's classifier score: higher moves further from the source, lower
+    keeps more of the asset. A number or `[start_step, start, end, end_step]`."""
+    method: str = "csd"
+    """Guidance preset the edit starts from; its prompt/negative/null scales are set by `negative_weight`."""
+    guidance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Overrides of the preset's other fields (t range, weighting, normalisation)."""
+
+
+def _map_schedule(schedule: Schedule, scale: float, shift: float) -> Schedule:
+    """`scale · λ + shift` of a number or a `[start_step, start, end, end_step]` schedule."""
+    if isinstance(schedule, (int, float)):
+        return scale * schedule + shift
+    start_step, start, end, end_step = schedule
+    return [start_step, scale * start + shift, scale * end + shift, end_step]
+
+
+def edit_guidance(config: EditConfig) -> GuidanceConfig:
+    """The guidance preset with a = 1, b = −λ, c = λ − 1."""
+    clash = sorted(set(config.guidance) & set(_SET_BY_NEGATIVE_WEIGHT))
+    if clash:
+        raise ValueError(f"edit: guidance overrides {clash} are set by negative_weight; remove them and set negative_weight")
+    validate_schedule(config.negative_weight, "negative_weight")
+    return guidance_config(
+        config.method,
+        **config.guidance,
+        prompt_scale=1.0,
+        negative_scale=_map_schedule(config.negative_weight, -1.0, 0.0),
+        null_scale=_map_schedule(config.negative_weight, 1.0, -1.0),
+    )
+
+
+def validate(config: EditConfig) -> None:
+    if not config.prompt.strip():
+        raise ValueError("edit: prompt (the target description) is empty")
+    if not config.source_prompt.strip():
+        raise ValueError("edit: source_prompt is empty; it is the negative prompt the edit moves away from")
+    validate_optim(config, "edit")
+    edit_guidance(config)
+
+
+def run(
+    config: EditConfig, out_dir: Path, *, inputs: dict[str, Path] | None = None, identity: str = "", callback: StepCallback = None
+) -> StageResult:
+    """Edit the texture of `inputs["texture"]` (or `inputs["uv"]`) toward `config.prompt` and commit `out_dir`."""
+    validate(config)
+    mesh = read_input_mesh(inputs, ("texture", "uv"), "edit")
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    with StageWorkspace(out_dir, "edit", identity) as workspace:
+        prior = load_prior_cached(config.model)
+        renderer = MeshRenderer(config.renderer, mesh.vertices, mesh.faces, mesh.uvs, prior.device)
+        prompts = PromptProcessor(prior, config.prompt, config.source_prompt, view_dependent=config.view_dependent)
+        guidance = ScoreDistillation(prior, edit_guidance(config))
+        named_prompts = {"source": config.source_prompt, "target": config.prompt}
+        before = evaluate(config, renderer, texture_tensor(mesh.texture).to(prior.device), named_prompts)
+        optimised = optimise_texture(
+            "edit", config, prior, renderer, texture_tensor(mesh.texture), prompts, guidance, workspace.path, callback
+        )
+        texture = finish_texture(optimised.texture, mesh, config.dilation)
+        outputs, previews, preview_seconds = write_result(config, mesh, texture, renderer, optimised.history, workspace.path)
+        after = evaluate(config, renderer, texture_tensor(texture).to(prior.device), named_prompts)
+        last = optimised.history[-1] if optimised.history else {}
+        result = StageResult(
+            stage="edit",
+            directory=str(out_dir),
+            outputs=outputs,
+            metrics={
+                "steps": float(optimised.step),
+                "resumed_at": float(optimised.resumed_at),
+                "final_loss": last.get("loss", 0.0),
+                "texture_change": mean_change(mesh.texture, texture),
+                **{f"before_{k}": v for k, v in before.items()},
+                **{f"after_{k}": v for k, v in after.items()},
+            },
+            timings={**optimised.timings, "previews": preview_seconds, "total": time.perf_counter() - started},
+            previews=previews,
+        )
+        return workspace.commit(result)
