@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 
 def _version(name: str) -> str:
@@ -41,18 +42,163 @@ def doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set expects SECTION.FIELD=VALUE (e.g. nerf.steps=200), got {pair!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def _check_catalog(args: argparse.Namespace, only: list[str] | None = None):
+    """The asset plans of the catalog's rows (the `only` ones), or None after printing every problem."""
+    from flows.catalog import CatalogError
+    from flows.pipeline import load_catalog
+
+    try:
+        catalog, plans = load_catalog(args.catalog, args.preset, _overrides(args.set), args.out)
+        selected = {row.asset_id for row in catalog.select(only)}
+    except CatalogError as error:
+        print(error, file=sys.stderr)
+        return None
+    return [plan for plan in plans if plan.row.asset_id in selected]
+
+
+def validate(args: argparse.Namespace) -> int:
+    """Check a catalog (columns, values, presets, meshes, config overrides) without running anything."""
+    plans = _check_catalog(args)
+    if plans is None:
+        return 1
+    for plan in plans:
+        print(f"{plan.row.asset_id:<24} {plan.preset:<10} {' → '.join(s.name for s in plan.stages)}")
+    print(f"{args.catalog}: {len(plans)} asset(s), no problems")
+    return 0
+
+
+def _print_status(out: Path, only: list[str] | None = None) -> None:
+    from flows.pipeline import STAGE_NAMES, stage_states
+
+    table = {k: v for k, v in stage_states(out).items() if not only or k in only}
+    if not table:
+        print(f"no assets under {out}")
+        return
+    width = max(len("asset"), *map(len, table))
+    print(f"{'asset':<{width}}  " + "  ".join(f"{name:<8}" for name in STAGE_NAMES))
+    for asset_id, stages in table.items():
+        print(f"{asset_id:<{width}}  " + "  ".join(f"{stages.get(name, '-'):<8}" for name in STAGE_NAMES))
+
+
+def status(args: argparse.Namespace) -> int:
+    """Table of assets × stages under the output root: done, failed, blocked, running, stale, missing.
+    Exits 1 when a stage failed."""
+    from flows.pipeline import stage_states
+
+    _print_status(args.out)
+    return 1 if any("failed" in stages.values() for stages in stage_states(args.out).values()) else 0
+
+
+def _print_outputs(out: Path, asset_ids: list[str]) -> None:
+    from flows.pipeline import AssetRecord
+    from flows.tracking import tracking_uri
+
+    for asset_id in asset_ids:
+        record = AssetRecord.load(out, asset_id)
+        done = [name for name, entry in (record.stages if record else {}).items() if entry.get("status") in ("ran", "reused")]
+        glbs = sorted((out / asset_id / done[-1]).glob("*.glb")) if done else []
+        print(f"{asset_id}: {glbs[0] if glbs else (out / asset_id / done[-1] if done else 'nothing finished')}")
+    uri = tracking_uri(out)
+    review = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
+    print(f"MLflow: {uri}\n  review with: {review}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a catalog as the Prefect flow `csd-asset` (temporary local Prefect server unless PREFECT_API_URL is set)."""
+    plans = _check_catalog(args, args.only)
+    if plans is None:
+        return 1
+    from flows.flow import batch
+
+    state = batch(
+        catalog=str(args.catalog), preset=args.preset, out=str(args.out), only=args.only, overrides=_overrides(args.set),
+        max_parallel_assets=args.parallel, stage_retries=args.retries, return_state=True,
+    )
+    ids = [plan.row.asset_id for plan in plans]
+    _print_status(args.out, ids)
+    _print_outputs(args.out, ids)
+    return 0 if state.is_completed() else 1
+
+
+def rerun(args: argparse.Namespace) -> int:
+    """Force one stage of one asset (and its later stages) to run again; logs under the asset's MLflow run."""
+    from flows.flow import asset
+    from flows.pipeline import AssetRecord
+
+    if args.catalog is not None:
+        plans = _check_catalog(args, [args.asset_id])
+        if plans is None:
+            return 1
+        row = plans[0].row.to_dict()
+        preset, overrides = args.preset, _overrides(args.set)
+    else:
+        record = AssetRecord.load(args.out, args.asset_id)
+        if record is None:
+            print(f"no record of asset {args.asset_id!r} under {args.out}; pass --catalog", file=sys.stderr)
+            return 1
+        row, preset, overrides = record.row, record.preset, {**record.overrides, **_overrides(args.set)}
+    state = asset(row=row, out=str(args.out), preset=preset, overrides=overrides, rerun_stage=args.stage,
+                  stage_retries=args.retries, return_state=True)
+    _print_status(args.out, [args.asset_id])
+    return 0 if state.is_completed() else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from flows.pipeline import DEFAULT_PRESET, STAGE_NAMES
+
     parser = argparse.ArgumentParser(prog="csd-asset", description="CSV prompt catalogs to textured 3D assets with CSD.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version('csd-asset')}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="report torch/CUDA/nvdiffrast availability and model caches").set_defaults(func=doctor)
+
+    def common(command: argparse.ArgumentParser, catalog_required: bool = True) -> None:
+        if catalog_required:
+            command.add_argument("catalog", type=Path, help="CSV catalog (schema: catalogs/README.md)")
+        command.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset for rows without a preset column (default {DEFAULT_PRESET})")
+        command.add_argument("--out", type=Path, default=Path("out"), help="output root (default ./out)")
+        command.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                             help="config override for every row, e.g. --set nerf.steps=200 (repeatable)")
+
+    command = sub.add_parser("run", help="make every asset of a catalog (Prefect flow csd-asset)")
+    common(command)
+    command.add_argument("--only", nargs="+", metavar="ID", help="only these asset ids")
+    command.add_argument("--parallel", type=int, default=1, help="assets at a time in this process (default 1)")
+    command.add_argument("--retries", type=int, default=1, help="Prefect retries of a failed stage (default 1)")
+    command.set_defaults(func=run)
+
+    command = sub.add_parser("rerun", help="run one stage of one asset again, and every later stage")
+    command.add_argument("asset_id")
+    command.add_argument("--stage", required=True, choices=STAGE_NAMES)
+    command.add_argument("--catalog", type=Path, help="take the row from this catalog (default: as the asset last ran)")
+    common(command, catalog_required=False)
+    command.add_argument("--retries", type=int, default=0, help="Prefect retries of a failed stage (default 0)")
+    command.set_defaults(func=rerun)
+
+    command = sub.add_parser("status", help="assets x stages under an output root: done / failed / missing")
+    command.add_argument("--out", type=Path, default=Path("out"), help="output root (default ./out)")
+    command.set_defaults(func=status)
+
+    command = sub.add_parser("validate", help="check a catalog and report every problem; runs nothing")
+    common(command)
+    command.set_defaults(func=validate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # one line per Prefect API call
     return args.func(args)
 
 

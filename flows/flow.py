@@ -1,0 +1,233 @@
+"""Prefect flows: `csd-asset` runs a catalog, `csd-asset-single` runs one asset, one task per stage.
+
+The batch validates the whole catalog before any work, opens an MLflow batch run and runs one
+`csd-asset-single` flow per row: in-process, `max_parallel_assets` at a time (default), or, with
+`asset_deployment="csd-asset-single/asset"`, as deployment runs on a work pool so that every
+worker (one per GPU) takes assets from the same batch. Each asset flow writes its record to
+`<out>/<asset_id>/asset.json`; the batch reads the records back, so it needs no result storage and
+works the same in both modes. The batch ends Failed when an asset failed, with a markdown summary
+artifact saying what failed where; running it again recomputes only what did not complete.
+
+Caching is by stage directory (see `flows.pipeline`), not by Prefect's task cache: the stage files
+are the results, and a directory whose identity matches is reused by any run on any machine that
+sees the output root.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+# pymeshlab must be imported by the main thread: first imported from a worker thread (where assets
+# run), its Qt statics abort the interpreter at exit ("malloc_consolidate(): unaligned fastbin chunk")
+import pymeshlab  # noqa: F401
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run, task_run
+
+from csd.models import ModelNotFoundError
+from flows.catalog import CatalogRow
+from flows.pipeline import (
+    DEFAULT_PRESET, STAGE_NAMES, AssetPlan, AssetRecord, PlannedStage, StageOutcome, execute_stage, load_catalog, plan_asset,
+    run_asset,
+)
+from flows.tracking import Tracker, code_version, run_link
+
+BATCH_FLOW = "csd-asset"
+ASSET_FLOW = "csd-asset-single"
+SUMMARY_ARTIFACT = "csd-asset-batch"
+DEFAULT_EXPERIMENT = "csd-asset"
+PERMANENT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ModelNotFoundError)
+"""Errors a retry cannot fix (bad config, missing file or model); anything else is retried."""
+
+
+class AssetFailed(RuntimeError):
+    """A stage of the asset failed; the asset flow run ends Failed with the stage's error."""
+
+
+class BatchFailed(RuntimeError):
+    """At least one asset failed or crashed; the message holds the batch summary."""
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    error = state.result(raise_on_failure=False)
+    return not isinstance(getattr(error, "__cause__", None), PERMANENT_ERRORS)
+
+
+@task(name="stage", task_run_name="{stage.asset_id}/{stage.spec.name}", cache_policy=NO_CACHE)
+def run_stage(stage: PlannedStage, force: bool, tracker: Tracker, asset_run_id: str | None, rerun: bool) -> StageOutcome:
+    """Run or reuse one stage, logged as a nested MLflow run under the asset's run."""
+    tags = {"rerun": str(rerun).lower(), "forced": str(force).lower(), "attempt": task_run.run_count, "prefect_task_run_id": task_run.id}
+    # a rerun adds runs for the stages it recomputes; the asset's run already has the others
+    with tracker.stage_run(asset_run_id, stage, tags, log_reused=not rerun) as run:
+        outcome = execute_stage(stage, force, callback=run.log_step)
+        run.finish(outcome)
+    return outcome
+
+
+def _asset_tags(plan: AssetPlan, catalog: str | None) -> dict[str, Any]:
+    row = plan.row
+    return {
+        "asset_id": row.asset_id, "prompt": row.prompt, "negative_prompt": row.negative_prompt or None, "seed": row.seed,
+        "preset": plan.preset, "edit_prompt": row.edit_prompt, "mesh": row.mesh, "catalog": catalog,
+        "prefect_flow_run_id": flow_run.id, "prefect_flow_run_url": flow_run.ui_url, "git_commit": code_version(),
+    }
+
+
+def _open_asset_run(plan: AssetPlan, tracking: dict[str, Any] | None, rerun: bool) -> tuple[Tracker, str | None]:
+    """A stage rerun logs under the asset's previous MLflow run; otherwise a new asset run starts
+    (under the batch run when `tracking` names one)."""
+    previous = AssetRecord.load(plan.out, plan.row.asset_id)
+    earlier = previous.tracking if previous else {}
+    if rerun and earlier.get("asset_run_id"):
+        return Tracker(earlier["uri"], experiment_id=earlier["experiment_id"]), earlier["asset_run_id"]
+    if tracking:
+        tracker = Tracker(tracking["uri"], experiment_id=tracking["experiment_id"])
+    else:
+        tracker = Tracker.for_output(plan.out, DEFAULT_EXPERIMENT)
+    tracking = tracking or {}
+    run_id = tracker.start_run(plan.row.asset_id, tracking.get("parent_run_id"), _asset_tags(plan, tracking.get("catalog")))
+    tracker.log_params(run_id, {"preset": plan.preset, "overrides": plan.overrides, "stages": ",".join(s.name for s in plan.stages)})
+    return tracker, run_id
+
+
+@flow(name=ASSET_FLOW, flow_run_name="{row[asset_id]}")
+def asset(
+    row: dict[str, Any],
+    out: str = "out",
+    preset: str = DEFAULT_PRESET,
+    overrides: dict[str, Any] | None = None,
+    rerun_stage: str | None = None,
+    stage_retries: int = 1,
+    stage_retry_delay_s: float = 30.0,
+    tracking: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Make one asset: run or reuse its stages in order, each as a task with retries.
+
+    `row` is a catalog row (`CatalogRow.to_dict()`); `rerun_stage` forces that stage and the later
+    ones to run again; `tracking` (from the batch) names the MLflow store, the batch's MLflow run
+    (`parent_run_id`) and the batch (`batch_id`, recorded in `asset.json` for the batch to find)."""
+    plan = plan_asset(CatalogRow.from_dict(row), Path(out), preset, overrides)
+    if rerun_stage is not None:
+        plan.stage(rerun_stage)
+    tracker, asset_run_id = _open_asset_run(plan, tracking, rerun_stage is not None)
+    stage_task = run_stage.with_options(
+        retries=stage_retries, retry_delay_seconds=stage_retry_delay_s, retry_condition_fn=_worth_retrying
+    )
+
+    def execute(stage: PlannedStage, force: bool) -> StageOutcome:
+        return stage_task(stage, force, tracker, asset_run_id, rerun_stage is not None)
+
+    link = {"uri": tracker.uri, "experiment_id": tracker.experiment_id, "asset_run_id": asset_run_id,
+            "batch_id": (tracking or {}).get("batch_id")}
+    record = run_asset(plan, rerun_stage=rerun_stage, execute=execute, tracking=link)
+    tracker.set_tags(asset_run_id, {"status": record.status})
+    tracker.end_run(asset_run_id, record.status != "failed")
+    record.tracking["failures"] = tracker.failures
+    record.save(plan.out)
+    if record.status == "failed":
+        errors = [entry["error"] for entry in record.stages.values() if entry.get("error")]
+        raise AssetFailed("; ".join(errors))
+    return dataclasses.asdict(record)
+
+
+def _score(record: AssetRecord) -> str:
+    metrics = record.stages.get("export", {}).get("metrics") or {}
+    return f"{metrics['quality']:.2f}" if "quality" in metrics else "—"
+
+
+def summary_markdown(catalog: str, records: dict[str, AssetRecord | None], tracker: Tracker, batch_run_id: str | None) -> str:
+    """The batch summary: one table row per asset with status, stages, score and MLflow run."""
+    lines = [
+        f"# csd-asset batch: `{catalog}`", "",
+        f"MLflow: `{tracker.uri}`, batch run {run_link(tracker.uri, tracker.experiment_id, batch_run_id)}", "",
+        "| asset | status | stages | quality | MLflow run | problem |", "|---|---|---|---|---|---|",
+    ]
+    for asset_id, record in records.items():
+        if record is None:
+            lines.append(f"| {asset_id} | crashed | — | — | — | the asset flow wrote no record; see its Prefect logs |")
+            continue
+        stages = ", ".join(f"{name} {entry['status']}" for name, entry in record.stages.items())
+        errors = [entry["error"] for entry in record.stages.values() if entry.get("error")]
+        problem = (errors[0] if errors else "").replace("|", "/").replace("\n", " ")[:300]
+        if record.tracking.get("failures"):
+            problem += f" (MLflow: {len(record.tracking['failures'])} logging call(s) failed)"
+        run = run_link(record.tracking.get("uri", ""), record.tracking.get("experiment_id"), record.tracking.get("asset_run_id"))
+        lines.append(f"| {asset_id} | {record.status} | {stages} | {_score(record)} | {run} | {problem} |")
+    if tracker.failures:
+        lines += ["", f"MLflow logging failures in the batch run: {len(tracker.failures)}; first: {tracker.failures[0]}"]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name=BATCH_FLOW)
+def batch(
+    catalog: str = "catalogs/demo.csv",
+    preset: str = DEFAULT_PRESET,
+    out: str = "out",
+    only: list[str] | None = None,
+    rerun_stage: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    max_parallel_assets: int = 1,
+    asset_deployment: str | None = None,
+    stage_retries: int = 1,
+    stage_retry_delay_s: float = 30.0,
+    experiment: str | None = None,
+) -> dict[str, str]:
+    """Make every asset of a catalog (or the `only` ones); returns `{asset_id: status}`.
+
+    `preset` applies to rows without a `preset` column; `overrides` are dotted config keys for every
+    row (`{"nerf.steps": 200}`); `rerun_stage` forces that stage (and later ones) of the selected
+    assets; `asset_deployment` fans assets out as runs of that deployment instead of in-process."""
+    if rerun_stage is not None and rerun_stage not in STAGE_NAMES:
+        raise ValueError(f"unknown stage {rerun_stage!r}; valid: {', '.join(STAGE_NAMES)}")
+    parsed, plans = load_catalog(Path(catalog), preset, overrides, Path(out))
+    rows = parsed.select(only)
+    stages_of = {plan.row.asset_id: {s.name for s in plan.stages} for plan in plans}
+    tracker = Tracker.for_output(Path(out), experiment or f"{DEFAULT_EXPERIMENT}/{Path(catalog).stem}")
+    started = datetime.now(timezone.utc)
+    batch_id = flow_run.id or uuid.uuid4().hex
+    batch_run_id = tracker.start_run(
+        f"{Path(catalog).stem} {started:%Y-%m-%d %H:%M}",
+        tags={"catalog": catalog, "catalog_sha256": parsed.fingerprint, "preset": preset, "rerun_stage": rerun_stage,
+              "prefect_flow_run_id": flow_run.id, "prefect_flow_run_url": flow_run.ui_url, "git_commit": code_version()},
+    )
+    tracker.log_params(batch_run_id, {"catalog": catalog, "preset": preset, "out": out, "assets": len(rows),
+                                      "only": ",".join(only or []), "overrides": overrides or {}, "rerun_stage": rerun_stage})
+
+    def make(row: CatalogRow) -> AssetRecord | None:
+        parameters = {
+            "row": row.to_dict(), "out": out, "preset": preset, "overrides": overrides,
+            "rerun_stage": rerun_stage if rerun_stage in stages_of[row.asset_id] else None,
+            "stage_retries": stage_retries, "stage_retry_delay_s": stage_retry_delay_s,
+            "tracking": {**tracker.context(batch_run_id), "catalog": catalog, "batch_id": batch_id},
+        }
+        if asset_deployment:
+            run_deployment(asset_deployment, parameters=parameters, timeout=None, as_subflow=True)
+        else:
+            asset(**parameters, return_state=True)
+        record = AssetRecord.load(Path(out), row.asset_id)
+        # a record from another batch means this asset's flow died before writing one
+        return record if record and record.tracking.get("batch_id") == batch_id else None
+
+    wall = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, max_parallel_assets), thread_name_prefix="asset") as pool:
+        futures = {row.asset_id: pool.submit(contextvars.copy_context().run, make, row) for row in rows}
+        records = {asset_id: future.result() for asset_id, future in futures.items()}
+    statuses = {asset_id: record.status if record else "crashed" for asset_id, record in records.items()}
+    markdown = summary_markdown(catalog, records, tracker, batch_run_id)
+    create_markdown_artifact(markdown, key=SUMMARY_ARTIFACT, description=f"csd-asset batch over {catalog}")
+    tracker.log_text(batch_run_id, markdown, "summary.md")
+    failed = sorted(a for a, status in statuses.items() if status in ("failed", "crashed"))
+    tracker.log_metrics(batch_run_id, {"assets_failed": len(failed), "assets_total": len(rows), "wall_seconds": time.perf_counter() - wall})
+    tracker.end_run(batch_run_id, not failed)
+    if failed:
+        raise BatchFailed(f"{len(failed)} of {len(rows)} asset(s) failed: {', '.join(failed)}\n{markdown}")
+    return statuses

@@ -1,0 +1,417 @@
+"""Stage registry, per-asset plans with stage identities, and running one asset's stages.
+
+No Prefect and no MLflow here: `flows.flow` wraps `execute_stage` in a Prefect task and
+`flows.tracking` logs what it returns, so everything below is testable with plain function calls.
+
+A stage's identity is `hash(asset_id, stage, resolved config, upstream identities or input-file
+digests, stage VERSION)`; its files live in `<out>/<asset_id>/<stage>/`. A completed directory
+with the same identity is reused; a stage that runs makes every later stage of the asset run too.
+`<out>/<asset_id>/asset.json` records what the last run of the asset did (for `csd-asset status`
+and `csd-asset rerun`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import os
+import time
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+
+from flows.catalog import Catalog, CatalogError, CatalogRow, read_catalog
+from stages.common import StageResult, StepCallback, atomic_write_text, completed, stage_lock
+from stages.config import ConfigError, build_config, config_hash, load_preset
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRESET = "toy-cpu"
+ASSET_RECORD = "asset.json"
+FAULT_ENV = "CSD_ASSET_FAIL_STAGE"
+"""Fault injection for tests and drills: `asset_id/stage[,asset_id/stage…]` makes those stages raise."""
+
+Upstream = dict[str, Path]
+"""Directories of the stages planned before this one, by stage name."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One entry of the registry: a stage module and how a catalog row feeds it.
+
+    The module exposes `VERSION` and `run(config, out_dir, *, inputs, identity, callback)`; the config
+    class is the annotation of `run`'s `config`. It may expose `validate(config)`, called at planning."""
+
+    name: str
+    module: str
+    inputs: Callable[[CatalogRow, Upstream], dict[str, Path]]
+    runs_for: Callable[[CatalogRow], bool] = lambda row: True
+    row_fields: Callable[[CatalogRow, str], dict[str, Any]] = lambda row, preset: {
+        "prompt": row.prompt, "seed": row.seed, **({"negative_prompt": row.negative_prompt} if row.negative_prompt else {})
+    }
+    """Config fields taken from the row and the preset name (only those the config class has are set)."""
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    def config_class(self) -> type:
+        return typing.get_type_hints(self.load().run)["config"]
+
+
+def _edit_fields(row: CatalogRow, preset: str) -> dict[str, Any]:
+    # CSD editing: the target description is the prompt; the source description is the negative prompt
+    return {"prompt": row.edit_prompt, "source_prompt": row.prompt, "seed": row.seed}
+
+
+def _export_fields(row: CatalogRow, preset: str) -> dict[str, Any]:
+    return {"prompt": row.prompt, "negative_prompt": row.negative_prompt, "edit_prompt": row.edit_prompt or "",
+            "seed": row.seed, "preset": preset}
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("nerf", "stages.nerf", inputs=lambda row, up: {}, runs_for=lambda row: row.mesh is None),
+    StageSpec(
+        "mesh", "stages.mesh",
+        inputs=lambda row, up: {"user_mesh": Path(row.mesh)} if row.mesh else {"nerf": up["nerf"]},
+    ),
+    StageSpec("uv", "stages.uv", inputs=lambda row, up: {"mesh": up["mesh"], **({"nerf": up["nerf"]} if "nerf" in up else {})}),
+    StageSpec("texture", "stages.texture", inputs=lambda row, up: {"uv": up["uv"]}),
+    StageSpec("edit", "stages.edit", inputs=lambda row, up: {"texture": up["texture"]}, runs_for=lambda row: bool(row.edit_prompt),
+              row_fields=_edit_fields),
+    StageSpec("export", "stages.export", inputs=lambda row, up: {"asset": up.get("edit", up.get("texture")), **up},
+              row_fields=_export_fields),
+)
+STAGE_NAMES = tuple(spec.name for spec in STAGES)
+OVERRIDE_SECTIONS = ("model", *STAGE_NAMES)
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    asset_id: str
+    spec: StageSpec
+    config: Any
+    identity: str
+    directory: Path
+    inputs: dict[str, Path]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class AssetPlan:
+    row: CatalogRow
+    preset: str
+    overrides: dict[str, Any]
+    out: Path
+    stages: list[PlannedStage]
+
+    def stage(self, name: str) -> PlannedStage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ValueError(f"asset {self.row.asset_id!r} has no stage {name!r}; its stages: {', '.join(s.name for s in self.stages)}")
+
+
+def _field_type(cls: type, dotted: str, where: str) -> Any:
+    """The annotation of `cls`'s field `a.b.c`, raising ConfigError naming the valid fields."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return Any
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            raise ConfigError(f"{where}: {tp.__name__} has no field {part!r}; valid: {', '.join(sorted(hints))}")
+        tp = hints[part]
+    return tp
+
+
+def coerce_override(cls: type, dotted: str, value: Any, where: str) -> Any:
+    """A catalog cell or `--set` value as the type of field `dotted` of `cls` (`"5"` → 5 for an int)."""
+    tp = _field_type(cls, dotted, where)
+    if not isinstance(value, str):
+        return value
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) == 1 and len(typing.get_args(tp)) == 2:  # Optional[X]
+        if value.lower() in ("", "null", "none"):
+            return None
+        tp = args[0]
+    if tp is str:
+        return value
+    if tp is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not a whole number") from None
+    if tp is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not a number") from None
+    if tp is bool:
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"{where}: {value!r} is not true/false")
+        return value.lower() in ("true", "1", "yes")
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"{where}: {value!r} is not valid YAML") from None
+
+
+def stage_config(spec: StageSpec, row: CatalogRow, preset_name: str, preset: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """Resolve the config of `spec` for `row`: preset section (with the preset's `model` section
+    merged under it), then the row's prompt/seed, then batch `overrides`, then the row's overrides."""
+    cls = spec.config_class()
+    fields = {f.name for f in dataclasses.fields(cls)}
+    section = dict(preset.get(spec.name) or {})
+    if "model" in fields:
+        section["model"] = {**(preset.get("model") or {}), **(section.get("model") or {})}
+    values = {k: v for k, v in spec.row_fields(row, preset_name).items() if k in fields}
+    sources = [(overrides, "--set {key}"), (row.overrides, f"line {row.line}, column {{key!r}}")]
+    for source, where in sources:
+        for key, value in source.items():
+            section_name, _, name = key.partition(".")
+            if section_name == spec.name or (section_name == "model" and "model" in fields):
+                target = name if section_name == spec.name else key
+                values[target] = coerce_override(cls, target, value, where.format(key=key))
+    config = build_config(cls, section, values, where=spec.name)
+    validate = getattr(spec.load(), "validate", None)
+    if validate is not None:
+        try:
+            validate(config)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    return config
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def plan_asset(row: CatalogRow, out: Path, preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> AssetPlan:
+    """Configs, identities, directories and inputs of every stage the row runs. Raises ConfigError
+    (naming the row's line) when a config does not resolve."""
+    overrides = dict(overrides or {})
+    preset_name = row.preset or preset
+    try:
+        preset_data = load_preset(preset_name)
+    except ConfigError as error:
+        raise ConfigError(f"line {row.line} (asset {row.asset_id!r}): {error}") from error
+    out = Path(out)
+    stages: list[PlannedStage] = []
+    upstream: Upstream = {}
+    identities: dict[Path, str] = {}
+    for spec in (spec for spec in STAGES if spec.runs_for(row)):
+        try:
+            config = stage_config(spec, row, preset_name, preset_data, overrides)
+        except ConfigError as error:
+            # override errors already name their line and column (or --set); others get the row's line
+            message = str(error) if str(error).startswith(("line ", "--set")) else f"line {row.line} (asset {row.asset_id!r}), {error}"
+            raise ConfigError(message) from error
+        inputs = spec.inputs(row, upstream)
+        linked = {key: identities[path] if path in identities else file_digest(path) for key, path in inputs.items()}
+        identity = config_hash(row.asset_id, spec.name, config, linked, spec.load().VERSION)
+        directory = out / row.asset_id / spec.name
+        stages.append(PlannedStage(row.asset_id, spec, config, identity, directory, inputs))
+        upstream[spec.name] = directory
+        identities[directory] = identity
+    return AssetPlan(row, preset_name, overrides, out, stages)
+
+
+def _check_override_key(key: str, where: str) -> str | None:
+    """Why the dotted override `key` names no config field of a stage, or None."""
+    section, _, name = key.partition(".")
+    if section not in OVERRIDE_SECTIONS:
+        return f"{where}: unknown config section {section!r}; valid: {', '.join(OVERRIDE_SECTIONS)}"
+    owners = [spec.config_class() for spec in STAGES if spec.name == section]
+    if section == "model":
+        owners = [cls for cls in (spec.config_class() for spec in STAGES) if "model" in typing.get_type_hints(cls)][:1]
+        name = key
+    try:
+        for cls in owners:
+            _field_type(cls, name, where)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+def load_catalog(
+    path: Path, preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None, out: Path = Path("out")
+) -> tuple[Catalog, list[AssetPlan]]:
+    """Read the catalog and plan every row; raise one CatalogError listing every problem found."""
+    catalog, problems = read_catalog(path, lambda column: _check_override_key(column, f"header: column {column!r}"))
+    problems += [p for key in overrides or {} if (p := _check_override_key(key, f"--set {key}"))]
+    plans = []
+    for row in catalog.rows:
+        try:
+            plans.append(plan_asset(row, out, preset, overrides))
+        except ConfigError as error:
+            problems.append(str(error))
+    if problems:
+        raise CatalogError(catalog.path, sorted(set(problems), key=problems.index))
+    return catalog, plans
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a stage named in CSD_ASSET_FAIL_STAGE."""
+
+
+class StageFailed(RuntimeError):
+    """A stage raised; the message says which stage of which asset, and why."""
+
+
+def describe_failure(stage: PlannedStage, error: BaseException) -> str:
+    import torch
+
+    where = f"stage {stage.name!r} of asset {stage.asset_id!r}"
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return (
+            f"CUDA out of memory in {where}: another process may hold the GPU (check nvidia-smi), or lower this "
+            f"stage's resolution/batch_size (e.g. a `{stage.name}.batch_size` catalog column). {error}"
+        )
+    return f"{where} failed: {type(error).__name__}: {error}"
+
+
+@dataclass
+class StageOutcome:
+    """What happened to one stage in one run. `status`: ran, reused or failed."""
+
+    stage: str
+    status: str
+    identity: str
+    seconds: float = 0.0
+    result: StageResult | None = None
+    error: str | None = None
+    tracking_run_id: str | None = None
+
+
+def execute_stage(stage: PlannedStage, force: bool = False, callback: StepCallback = None) -> StageOutcome:
+    """Reuse the completed stage directory with this identity (unless `force`), or run the stage module."""
+    faults = {f.strip() for f in os.environ.get(FAULT_ENV, "").split(",")}
+    # a second run of the same stage (another batch, another worker) waits here, then reuses the result
+    with stage_lock(stage.directory):
+        if not force:
+            done = completed(stage.directory, stage.identity)
+            if done is not None:
+                log.info("asset %s: %s reused (%s)", stage.asset_id, stage.name, stage.identity)
+                return StageOutcome(stage.name, "reused", stage.identity, result=done)
+        started = time.perf_counter()
+        try:
+            if f"{stage.asset_id}/{stage.name}" in faults:
+                raise InjectedFault(f"{FAULT_ENV} names {stage.asset_id}/{stage.name}")
+            result = stage.spec.load().run(stage.config, stage.directory, inputs=stage.inputs, identity=stage.identity, callback=callback)
+        except Exception as error:
+            raise StageFailed(describe_failure(stage, error)) from error
+    return StageOutcome(stage.name, "ran", stage.identity, time.perf_counter() - started, result)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class AssetRecord:
+    """`<out>/<asset_id>/asset.json`: the row, preset and per-stage status of the asset's last run."""
+
+    asset_id: str
+    row: dict[str, Any]
+    preset: str
+    overrides: dict[str, Any]
+    status: str = "running"
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tracking: dict[str, Any] = field(default_factory=dict)
+    """MLflow tracking URI, experiment id and the asset run id (a stage rerun logs under it)."""
+    started_at: str = ""
+    finished_at: str = ""
+    wall_seconds: float = 0.0
+
+    @classmethod
+    def start(cls, plan: AssetPlan, tracking: dict[str, Any]) -> "AssetRecord":
+        record = cls(plan.row.asset_id, plan.row.to_dict(), plan.preset, plan.overrides, tracking=tracking, started_at=_now())
+        record.stages = {s.name: {"status": "pending", "identity": s.identity} for s in plan.stages}
+        return record
+
+    @classmethod
+    def load(cls, out: Path, asset_id: str) -> "AssetRecord | None":
+        try:
+            return cls(**json.loads((Path(out) / asset_id / ASSET_RECORD).read_text()))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None
+
+    def save(self, out: Path) -> None:
+        directory = Path(out) / self.asset_id
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(directory / ASSET_RECORD, json.dumps(dataclasses.asdict(self), indent=2))
+
+
+Executor = Callable[[PlannedStage, bool], StageOutcome]
+
+
+def run_asset(
+    plan: AssetPlan, *, rerun_stage: str | None = None, execute: Executor = execute_stage, tracking: dict[str, Any] | None = None
+) -> AssetRecord:
+    """Run (or reuse) the plan's stages in order; stop at the first failure. `rerun_stage` forces
+    that stage and every later one to run. Writes `asset.json` (with `tracking`) after every stage."""
+    if rerun_stage is not None:
+        plan.stage(rerun_stage)
+    record = AssetRecord.start(plan, tracking or {})
+    record.save(plan.out)
+    started = time.perf_counter()
+    upstream_ran = False
+    for stage in plan.stages:
+        entry = record.stages[stage.name]
+        if record.status == "failed":
+            entry["status"] = "blocked"
+            continue
+        entry["status"] = "running"
+        record.save(plan.out)
+        try:
+            outcome = execute(stage, upstream_ran or stage.name == rerun_stage)
+        except Exception as error:
+            log.error("asset %s: %s", plan.row.asset_id, error)
+            outcome = StageOutcome(stage.name, "failed", stage.identity, error=str(error))
+            record.status = "failed"
+        upstream_ran = upstream_ran or outcome.status == "ran"
+        entry.update(status=outcome.status, seconds=round(outcome.seconds, 3), error=outcome.error, finished_at=_now())
+        if outcome.tracking_run_id:
+            entry["tracking_run_id"] = outcome.tracking_run_id
+        if outcome.result is not None:
+            entry["metrics"] = outcome.result.metrics
+    if record.status != "failed":
+        record.status = "completed"
+    record.finished_at = _now()
+    record.wall_seconds = round(time.perf_counter() - started, 3)
+    record.save(plan.out)
+    return record
+
+
+def stage_states(out: Path) -> dict[str, dict[str, str]]:
+    """`{asset_id: {stage: done | failed | running | blocked | stale | missing}}` from `asset.json`
+    records checked against the stage directories (a `done` stage whose directory no longer holds
+    the recorded identity is `stale`)."""
+    table: dict[str, dict[str, str]] = {}
+    for path in sorted(Path(out).glob(f"*/{ASSET_RECORD}")):
+        record = AssetRecord.load(path.parent.parent, path.parent.name)
+        if record is None:
+            continue
+        row: dict[str, str] = {}
+        for name, entry in record.stages.items():
+            status = entry.get("status", "missing")
+            if status in ("ran", "reused"):
+                done = completed(path.parent / name, entry.get("identity"))
+                status = "done" if done is not None else "stale"
+            elif status == "pending":
+                status = "missing"
+            row[name] = status
+        table[record.asset_id] = row
+    return table

@@ -1,0 +1,115 @@
+"""Plans, identities and the per-asset stage loop, without Prefect or MLflow."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from flows.catalog import CatalogRow
+from flows.pipeline import AssetRecord, StageOutcome, coerce_override, plan_asset, run_asset, stage_states
+from stages.config import ConfigError
+from stages.nerf import NerfConfig
+
+CUBE = Path(__file__).parents[2] / "catalogs" / "meshes" / "cube.obj"
+
+
+def _identities(plan):
+    return {stage.name: stage.identity for stage in plan.stages}
+
+
+def test_a_change_invalidates_its_stage_and_everything_downstream_only(tmp_path, tiny):
+    row = CatalogRow("red", "a red cube", edit_prompt="a blue cube", line=2)
+    base = _identities(plan_asset(row, tmp_path, overrides=tiny))
+    assert list(base) == ["nerf", "mesh", "uv", "texture", "edit", "export"]
+    assert _identities(plan_asset(row, tmp_path, overrides=tiny)) == base, "identities are deterministic"
+
+    prompt = _identities(plan_asset(dataclasses.replace(row, prompt="a red sphere"), tmp_path, overrides=tiny))
+    assert all(prompt[name] != base[name] for name in base), "the prompt feeds nerf, so every stage changes"
+
+    texture = _identities(plan_asset(dataclasses.replace(row, overrides={"texture.steps": "3"}), tmp_path, overrides=tiny))
+    assert [name for name in base if texture[name] != base[name]] == ["texture", "edit", "export"]
+
+    edit = _identities(plan_asset(dataclasses.replace(row, edit_prompt="a green cube"), tmp_path, overrides=tiny))
+    assert [name for name in base if edit[name] != base[name]] == ["edit", "export"]
+
+
+def test_texture_only_row_feeds_its_mesh_and_hashes_the_file(tmp_path, tiny):
+    mesh = tmp_path / "cube.obj"
+    mesh.write_bytes(CUBE.read_bytes())
+    row = CatalogRow("tex", "a green cube", mesh=str(mesh), line=3)
+    plan = plan_asset(row, tmp_path / "out", overrides=tiny)
+    assert [s.name for s in plan.stages] == ["mesh", "uv", "texture", "export"]
+    assert plan.stage("mesh").inputs == {"user_mesh": mesh}
+    assert plan.stage("uv").inputs == {"mesh": tmp_path / "out" / "tex" / "mesh"}
+    assert plan.stage("export").inputs["asset"] == tmp_path / "out" / "tex" / "texture"
+    before = _identities(plan)
+    mesh.write_text(CUBE.read_text() + "# edited\n")
+    assert all(identity != before[name] for name, identity in _identities(plan_asset(row, tmp_path / "out", overrides=tiny)).items())
+
+
+def test_row_and_preset_fill_the_stage_configs(tmp_path, tiny):
+    row = CatalogRow("red", "a red cube", negative_prompt="blurry", seed=9, edit_prompt="a blue cube",
+                     overrides={"nerf.steps": "7", "model.dtype": "float32"}, line=2)
+    plan = plan_asset(row, tmp_path, overrides={**tiny, "nerf.steps": "3"})
+    nerf = plan.stage("nerf").config
+    assert (nerf.prompt, nerf.negative_prompt, nerf.seed, nerf.steps) == ("a red cube", "blurry", 9, 7), "the row beats --set"
+    assert nerf.model.model == "toy" and nerf.model.device == "cpu", "the preset's model section is merged in"
+    assert plan.stage("texture").config.model.dtype == "float32", "model.* overrides reach every stage with a model"
+    export = plan.stage("export").config
+    assert (export.edit_prompt, export.preset) == ("a blue cube", "toy-cpu")
+    assert plan.stage("export").inputs["asset"] == tmp_path / "red" / "edit", "export takes the last textured stage"
+
+
+def test_overrides_take_the_field_type_and_bad_ones_name_where():
+    assert coerce_override(NerfConfig, "steps", "5", "x") == 5
+    assert coerce_override(NerfConfig, "lr", "1e-3", "x") == pytest.approx(1e-3)
+    assert coerce_override(NerfConfig, "view_dependent", "false", "x") is False
+    assert coerce_override(NerfConfig, "model.revision", "none", "x") is None
+    assert coerce_override(NerfConfig, "cameras.distance_range", "[1.5, 2.0]", "x") == [1.5, 2.0]
+    with pytest.raises(ConfigError, match="line 4, column 'nerf.steps': 'five' is not a whole number"):
+        coerce_override(NerfConfig, "steps", "five", "line 4, column 'nerf.steps'")
+    with pytest.raises(ConfigError, match="FieldConfig has no field 'levels'; valid: .*n_levels"):
+        coerce_override(NerfConfig, "field.levels", "3", "x")
+
+
+def _fake_executor(done: set[str], fail: str | None = None):
+    calls = []
+
+    def execute(stage, force):
+        calls.append((stage.name, force))
+        if stage.name == fail:
+            raise RuntimeError(f"{stage.name} broke")
+        status = "reused" if stage.name in done and not force else "ran"
+        return StageOutcome(stage.name, status, stage.identity)
+
+    return execute, calls
+
+
+def test_rerun_forces_the_stage_and_everything_after_it(tmp_path, tiny):
+    plan = plan_asset(CatalogRow("red", "a red cube", line=2), tmp_path, overrides=tiny)
+    execute, calls = _fake_executor(done={"nerf", "mesh", "uv", "texture", "export"})
+    record = run_asset(plan, rerun_stage="uv", execute=execute)
+    assert calls == [("nerf", False), ("mesh", False), ("uv", True), ("texture", True), ("export", True)]
+    assert [record.stages[n]["status"] for n in ("nerf", "mesh", "uv", "texture", "export")] == ["reused", "reused", "ran", "ran", "ran"]
+    with pytest.raises(ValueError, match="no stage 'edit'"):
+        run_asset(plan, rerun_stage="edit", execute=execute)
+
+
+def test_a_stage_that_runs_makes_later_stages_run(tmp_path, tiny):
+    plan = plan_asset(CatalogRow("red", "a red cube", line=2), tmp_path, overrides=tiny)
+    execute, calls = _fake_executor(done={"nerf", "texture", "export"})
+    run_asset(plan, execute=execute)
+    assert calls == [("nerf", False), ("mesh", False), ("uv", True), ("texture", True), ("export", True)]
+
+
+def test_a_failure_blocks_later_stages_and_is_recorded(tmp_path, tiny):
+    plan = plan_asset(CatalogRow("red", "a red cube", line=2), tmp_path, overrides=tiny)
+    execute, calls = _fake_executor(done=set(), fail="uv")
+    record = run_asset(plan, execute=execute, tracking={"asset_run_id": "abc"})
+    assert [name for name, _ in calls] == ["nerf", "mesh", "uv"]
+    assert record.status == "failed" and "uv broke" in record.stages["uv"]["error"]
+    assert record.stages["texture"]["status"] == record.stages["export"]["status"] == "blocked"
+    saved = AssetRecord.load(tmp_path, "red")
+    assert saved.stages == record.stages and saved.tracking == {"asset_run_id": "abc"}
+    # nothing is committed by the fake executor, so "ran" stages are stale on disk
+    assert stage_states(tmp_path)["red"] == {"nerf": "stale", "mesh": "stale", "uv": "failed", "texture": "blocked", "export": "blocked"}
