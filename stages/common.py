@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import shutil
 import socket
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,31 @@ def stage_lock(directory: Path, timeout: float | None = None):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class TrainingCheckpoint:
+    """The resumable state of a stage's optimisation loop in `<work>/checkpoint.pt`: step, metric
+    history, the torch generator and Python RNG, plus whatever `state_dict`s the stage names."""
+
+    def __init__(self, work: Path, generator: torch.Generator, rng: random.Random):
+        self.path = Path(work) / "checkpoint.pt"
+        self.generator, self.rng = generator, rng
+
+    def load(self, device) -> tuple[dict[str, Any], int, list[dict[str, float]]] | None:
+        """The saved state dicts, step and history (generator and RNG restored), or None."""
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location=device, weights_only=False)
+        self.generator.set_state(state.pop("generator"))
+        self.rng.setstate(state.pop("rng"))
+        return state, state.pop("step"), state.pop("history")
+
+    def save(self, step: int, history: list[dict[str, float]], **state: Any) -> None:
+        payload = {**state, "generator": self.generator.get_state(), "rng": self.rng.getstate(), "step": step, "history": history}
+        atomic_save(lambda p: torch.save(payload, p), self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

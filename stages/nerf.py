@@ -27,7 +27,7 @@ from csd.models import ModelConfig, load_prior_cached
 from csd.prompts import PromptProcessor
 from csd.renderer import SHADING_MODES, RendererConfig, VolumeRenderer
 from csd.schedules import Schedule, schedule_value
-from stages.common import StageResult, StageWorkspace, StepCallback, Timer, atomic_save, write_previews
+from stages.common import StageResult, StageWorkspace, StepCallback, Timer, TrainingCheckpoint, write_previews
 from stages.config import dump_yaml
 
 log = logging.getLogger(__name__)
@@ -126,32 +126,27 @@ def run(
         history: list[dict[str, float]] = []
         step = 0
 
-        checkpoint = work / "checkpoint.pt"
-        if checkpoint.exists():
-            state = torch.load(checkpoint, map_location=device, weights_only=False)
+        checkpoint = TrainingCheckpoint(work, generator, rng)
+        restored = checkpoint.load(device)
+        if restored is not None:
+            state, step, history = restored
             volume.load_state_dict(state["field"])
             optimizer.load_state_dict(state["optimizer"])
             if renderer.environment is not None:
                 renderer.environment.load_state_dict(state["environment"])
             if renderer.grid is not None:
                 renderer.grid.density, renderer.grid.occupied = state["grid"]
-            generator.set_state(state["generator"])
-            rng.setstate(state["rng"])
-            step, history = state["step"], state["history"]
             log.info("nerf: resuming %s from step %d", out_dir, step)
 
         def save_checkpoint() -> None:
-            state = {
-                "field": volume.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "environment": renderer.environment.state_dict() if renderer.environment else None,
-                "grid": (renderer.grid.density, renderer.grid.occupied) if renderer.grid else None,
-                "generator": generator.get_state(),
-                "rng": rng.getstate(),
-                "step": step,
-                "history": history,
-            }
-            atomic_save(lambda p: torch.save(state, p), checkpoint)
+            checkpoint.save(
+                step,
+                history,
+                field=volume.state_dict(),
+                optimizer=optimizer.state_dict(),
+                environment=renderer.environment.state_dict() if renderer.environment else None,
+                grid=(renderer.grid.density, renderer.grid.occupied) if renderer.grid else None,
+            )
 
         timer = Timer()
         resumed_at = step
@@ -208,7 +203,7 @@ def run(
             previews += write_previews(
                 render_turntable(volume, renderer, config.preview_views, config.preview_resolution, "diffuse"), work, "turntable_shaded"
             )
-        checkpoint.unlink(missing_ok=True)
+        checkpoint.remove()
         trained = max(1, step - resumed_at)
         timings = {f"{k}_per_step": v / trained for k, v in timer.totals.items() if k != "previews"}
         timings.update(previews=timer.totals.get("previews", 0.0), total=time.perf_counter() - started)

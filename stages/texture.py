@@ -34,7 +34,7 @@ from csd.models import DiffusionPrior, ModelConfig, load_prior_cached
 from csd.prompts import PromptProcessor
 from csd.raster import MESH_SHADING_MODES, MeshRenderer, MeshRendererConfig, uv_coverage
 from stages.assets import TexturedMesh, read_textured_mesh, write_textured_mesh
-from stages.common import StageResult, StageWorkspace, StepCallback, Timer, atomic_save, write_previews
+from stages.common import StageResult, StageWorkspace, StepCallback, Timer, TrainingCheckpoint, write_previews
 from stages.config import dump_yaml
 
 log = logging.getLogger(__name__)
@@ -269,26 +269,16 @@ def optimise_texture(
     history: list[dict[str, float]] = []
     step = 0
 
-    checkpoint = work / "checkpoint.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    checkpoint = TrainingCheckpoint(work, generator, rng)
+    restored = checkpoint.load(device)
+    if restored is not None:
+        state, step, history = restored
         texture.load_state_dict(state["texture"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        rng.setstate(state["rng"])
-        step, history = state["step"], state["history"]
         log.info("%s: resuming %s from step %d", stage, work, step)
 
     def save_checkpoint() -> None:
-        state = {
-            "texture": texture.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(),
-            "rng": rng.getstate(),
-            "step": step,
-            "history": history,
-        }
-        atomic_save(lambda p: torch.save(state, p), checkpoint)
+        checkpoint.save(step, history, texture=texture.state_dict(), optimizer=optimizer.state_dict())
 
     timer = Timer()
     resumed_at = step
@@ -327,7 +317,7 @@ def optimise_texture(
         if step % config.checkpoint_every == 0 and step < config.steps:
             save_checkpoint()
     progress.close()
-    checkpoint.unlink(missing_ok=True)
+    checkpoint.remove()
     trained = max(1, step - resumed_at)
     with torch.no_grad():
         final = texture()
