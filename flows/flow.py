@@ -3,10 +3,13 @@
 The batch validates the whole catalog before any work, opens an MLflow batch run and runs one
 `csd-asset-single` flow per row: in-process, `max_parallel_assets` at a time (default), or, with
 `asset_deployment="csd-asset-single/asset"`, as deployment runs on a work pool so that every
-worker (one per GPU) takes assets from the same batch. Each asset flow writes its record to
-`<out>/<asset_id>/asset.json`; the batch reads the records back, so it needs no result storage and
-works the same in both modes. The batch ends Failed when an asset failed, with a markdown summary
-artifact saying what failed where; running it again recomputes only what did not complete.
+worker (one per GPU) takes assets from the same batch; an asset run that crashes (worker killed,
+machine lost) is submitted again and resumes from its stage's last checkpoint. Each asset flow
+writes its record to `<out>/<asset_id>/asset.json` and a copy for its batch under
+`<out>/<asset_id>/batches/`; the batch collects its copies, so it needs no result storage, works
+the same in both modes, and two batches over one output root do not read each other's records.
+The batch ends Failed when an asset failed, with a markdown summary artifact saying what failed
+where; running it again recomputes only what did not complete.
 
 Caching is by stage directory (see `flows.pipeline`), not by Prefect's task cache: the stage files
 are the results, and a directory whose identity matches is reused by any run on any machine that
@@ -17,6 +20,9 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import hashlib
+import json
+import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +47,7 @@ from flows.pipeline import (
 )
 from flows.tracking import Tracker, code_version, run_link
 
+log = logging.getLogger(__name__)
 BATCH_FLOW = "csd-asset"
 ASSET_FLOW = "csd-asset-single"
 SUMMARY_ARTIFACT = "csd-asset-batch"
@@ -133,6 +140,8 @@ def asset(
     tracker.end_run(asset_run_id, record.status != "failed")
     record.tracking["failures"] = tracker.failures
     record.save(plan.out)
+    if (tracking or {}).get("batch_id"):
+        record.hand_to_batch(plan.out, tracking["batch_id"])
     if record.status == "failed":
         errors = [entry["error"] for entry in record.stages.values() if entry.get("error")]
         raise AssetFailed("; ".join(errors))
@@ -162,9 +171,43 @@ def summary_markdown(catalog: str, records: dict[str, AssetRecord | None], track
             problem += f" (MLflow: {len(record.tracking['failures'])} logging call(s) failed)"
         run = run_link(record.tracking.get("uri", ""), record.tracking.get("experiment_id"), record.tracking.get("asset_run_id"))
         lines.append(f"| {asset_id} | {record.status} | {stages} | {_score(record)} | {run} | {problem} |")
+    lost = [(asset_id, record) for asset_id, record in records.items() if record and record.tracking.get("failures")]
+    if lost or tracker.failures:
+        lines += ["", "## MLflow logs not uploaded", "",
+                  "The stage files below are complete; only their MLflow logs (params, metrics, artifacts) are missing or partial.", ""]
+    for asset_id, record in lost:
+        stages = [name for name, entry in record.stages.items() if entry.get("tracking_failures")]
+        where = "stages " + ", ".join(stages) if stages else "the asset run only"
+        lines.append(f"- {asset_id}: {where}; first problem: {record.tracking['failures'][0][:300]}")
     if tracker.failures:
-        lines += ["", f"MLflow logging failures in the batch run: {len(tracker.failures)}; first: {tracker.failures[0]}"]
+        lines.append(f"- batch run: {len(tracker.failures)} call(s); first problem: {tracker.failures[0][:300]}")
     return "\n".join(lines) + "\n"
+
+
+def asset_key(batch_id: str, catalog_fingerprint: str, parameters: dict[str, Any]) -> str:
+    """Idempotency key of an asset's flow run within a batch: the batch run (which keeps its id when
+    Prefect retries it), the catalog version and the asset's parameters. A retried batch finds the
+    asset runs it already started (running or finished) instead of starting them again."""
+    asset_parameters = {k: v for k, v in parameters.items() if k != "tracking"}
+    digest = hashlib.sha256(json.dumps(asset_parameters, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{batch_id}/{parameters['row']['asset_id']}/{catalog_fingerprint}/{digest}"
+
+
+def submit_asset(deployment: str, parameters: dict[str, Any], key: str, attempts: int) -> None:
+    """Run the asset as a run of `deployment` on its work pool and wait for it. A run that ends
+    Crashed (its worker or machine died; see `automations.yaml` for how Prefect notices) is
+    submitted again, up to `attempts` runs in all, and any worker may take it: the stage it was in
+    resumes from its last checkpoint. A Failed run is not resubmitted: its stages already had their
+    retries, and a deterministic error would only fail again."""
+    asset_id = parameters["row"]["asset_id"]
+    for attempt in range(1, attempts + 1):
+        run = run_deployment(deployment, parameters=parameters, timeout=None, as_subflow=True,
+                             idempotency_key=f"{key}/attempt-{attempt}")
+        if not run.state.is_crashed():
+            return
+        where = f" (ran as {run.infrastructure_pid})" if run.infrastructure_pid else ""
+        log.warning("asset %s: flow run %s crashed%s: %s; %s", asset_id, run.name, where, run.state.message,
+                    f"submitting it again ({attempt + 1} of {attempts})" if attempt < attempts else "no attempts left")
 
 
 @flow(name=BATCH_FLOW)
@@ -180,14 +223,19 @@ def batch(
     stage_retries: int = 1,
     stage_retry_delay_s: float = 30.0,
     experiment: str | None = None,
+    asset_attempts: int = 3,
 ) -> dict[str, str]:
     """Make every asset of a catalog (or the `only` ones); returns `{asset_id: status}`.
 
     `preset` applies to rows without a `preset` column; `overrides` are dotted config keys for every
     row (`{"nerf.steps": 200}`); `rerun_stage` forces that stage (and later ones) of the selected
-    assets; `asset_deployment` fans assets out as runs of that deployment instead of in-process."""
+    assets; `asset_deployment` fans assets out as runs of that deployment instead of in-process,
+    `max_parallel_assets` in flight at a time, each run that crashes submitted again until it has
+    had `asset_attempts` runs."""
     if rerun_stage is not None and rerun_stage not in STAGE_NAMES:
         raise ValueError(f"unknown stage {rerun_stage!r}; valid: {', '.join(STAGE_NAMES)}")
+    if asset_attempts < 1:
+        raise ValueError(f"asset_attempts must be at least 1, got {asset_attempts}")
     parsed, plans = load_catalog(Path(catalog), preset, overrides, Path(out))
     rows = parsed.select(only)
     stages_of = {plan.row.asset_id: {s.name for s in plan.stages} for plan in plans}
@@ -210,12 +258,10 @@ def batch(
             "tracking": {**tracker.context(batch_run_id), "catalog": catalog, "batch_id": batch_id},
         }
         if asset_deployment:
-            run_deployment(asset_deployment, parameters=parameters, timeout=None, as_subflow=True)
+            submit_asset(asset_deployment, parameters, asset_key(batch_id, parsed.fingerprint, parameters), asset_attempts)
         else:
             asset(**parameters, return_state=True)
-        record = AssetRecord.load(Path(out), row.asset_id)
-        # a record from another batch means this asset's flow died before writing one
-        return record if record and record.tracking.get("batch_id") == batch_id else None
+        return AssetRecord.collect(Path(out), row.asset_id, batch_id)
 
     wall = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, max_parallel_assets), thread_name_prefix="asset") as pool:

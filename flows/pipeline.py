@@ -5,7 +5,8 @@ No Prefect and no MLflow here: `flows.flow` wraps `execute_stage` in a Prefect t
 
 A stage's identity is `hash(asset_id, stage, resolved config, upstream identities or input-file
 digests, stage VERSION)`; its files live in `<out>/<asset_id>/<stage>/`. A completed directory
-with the same identity is reused; a stage that runs makes every later stage of the asset run too.
+with the same identity is reused unless an upstream stage was committed after it (then it runs again,
+and so does everything after it): two batches over one output root compute each stage once.
 `<out>/<asset_id>/asset.json` records what the last run of the asset did (for `csd-asset status`
 and `csd-asset rerun`).
 """
@@ -18,6 +19,7 @@ import importlib
 import json
 import logging
 import os
+import socket
 import time
 import typing
 from collections.abc import Callable
@@ -30,13 +32,16 @@ from typing import Any
 import yaml
 
 from flows.catalog import Catalog, CatalogError, CatalogRow, read_catalog
-from stages.common import StageResult, StepCallback, atomic_write_text, completed, stage_lock
+from stages.common import RESULT_FILE, StageResult, StepCallback, atomic_write_text, completed, stage_lock
 from stages.config import ConfigError, build_config, config_hash, load_preset
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PRESET = "toy-cpu"
 ASSET_RECORD = "asset.json"
+BATCH_RECORDS = "batches"
+"""`<out>/<asset_id>/batches/<batch_id>.json`: the record an asset run hands to its batch (two batches over
+the same output root each read their own, while `asset.json` holds whichever ran last)."""
 FAULT_ENV = "CSD_ASSET_FAIL_STAGE"
 """Fault injection for tests and drills: `asset_id/stage[,asset_id/stage…]` makes those stages raise."""
 
@@ -293,16 +298,32 @@ class StageOutcome:
     result: StageResult | None = None
     error: str | None = None
     tracking_run_id: str | None = None
+    tracking_failures: int = 0
+    """MLflow calls for this stage that failed or were not sent (server unreachable)."""
+
+
+def _committed_at(directory: Path) -> int:
+    return (Path(directory) / RESULT_FILE).stat().st_mtime_ns
+
+
+def older_than_inputs(stage: PlannedStage) -> bool:
+    """Whether an upstream stage was committed after this stage's completed directory (the upstream
+    ran again, e.g. a rerun or a failed stage computed anew), so this stage must run again although
+    its identity matches. Like make, by commit times: a stage that another batch computed from the
+    current upstream files is reused, not computed twice."""
+    upstream = [path for path in stage.inputs.values() if Path(path).is_dir() and completed(path) is not None]
+    return bool(upstream) and max(map(_committed_at, upstream)) > _committed_at(stage.directory)
 
 
 def execute_stage(stage: PlannedStage, force: bool = False, callback: StepCallback = None) -> StageOutcome:
-    """Reuse the completed stage directory with this identity (unless `force`), or run the stage module."""
+    """Reuse the completed stage directory with this identity (unless `force`, or an upstream stage was
+    committed after it), or run the stage module."""
     faults = {f.strip() for f in os.environ.get(FAULT_ENV, "").split(",")}
     # a second run of the same stage (another batch, another worker) waits here, then reuses the result
     with stage_lock(stage.directory):
         if not force:
             done = completed(stage.directory, stage.identity)
-            if done is not None:
+            if done is not None and not older_than_inputs(stage):
                 log.info("asset %s: %s reused (%s)", stage.asset_id, stage.name, stage.identity)
                 return StageOutcome(stage.name, "reused", stage.identity, result=done)
         started = time.perf_counter()
@@ -334,10 +355,15 @@ class AssetRecord:
     started_at: str = ""
     finished_at: str = ""
     wall_seconds: float = 0.0
+    worker: dict[str, Any] = field(default_factory=dict)
+    """Where the asset ran: host, process id, parent process id (the Prefect worker) and the GPUs it saw."""
 
     @classmethod
     def start(cls, plan: AssetPlan, tracking: dict[str, Any]) -> "AssetRecord":
-        record = cls(plan.row.asset_id, plan.row.to_dict(), plan.preset, plan.overrides, tracking=tracking, started_at=_now())
+        worker = {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid(),
+                  "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        record = cls(plan.row.asset_id, plan.row.to_dict(), plan.preset, plan.overrides, tracking=tracking, started_at=_now(),
+                     worker=worker)
         record.stages = {s.name: {"status": "pending", "identity": s.identity} for s in plan.stages}
         return record
 
@@ -353,6 +379,24 @@ class AssetRecord:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(directory / ASSET_RECORD, json.dumps(dataclasses.asdict(self), indent=2))
 
+    def hand_to_batch(self, out: Path, batch_id: str) -> None:
+        """Leave a copy for the batch `batch_id`, which collects it with `collect`."""
+        directory = Path(out) / self.asset_id / BATCH_RECORDS
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(directory / f"{batch_id}.json", json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def collect(cls, out: Path, asset_id: str, batch_id: str) -> "AssetRecord | None":
+        """The record the asset's run left for batch `batch_id` (removed once read), or None when the
+        run ended before writing one (crashed)."""
+        path = Path(out) / asset_id / BATCH_RECORDS / f"{batch_id}.json"
+        try:
+            record = cls(**json.loads(path.read_text()))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None
+        path.unlink()
+        return record
+
 
 Executor = Callable[[PlannedStage, bool], StageOutcome]
 
@@ -361,13 +405,13 @@ def run_asset(
     plan: AssetPlan, *, rerun_stage: str | None = None, execute: Executor = execute_stage, tracking: dict[str, Any] | None = None
 ) -> AssetRecord:
     """Run (or reuse) the plan's stages in order; stop at the first failure. `rerun_stage` forces
-    that stage and every later one to run. Writes `asset.json` (with `tracking`) after every stage."""
+    that stage to run, and so every later one (`execute_stage` recomputes a stage whose upstream was
+    committed after it). Writes `asset.json` (with `tracking`) after every stage."""
     if rerun_stage is not None:
         plan.stage(rerun_stage)
     record = AssetRecord.start(plan, tracking or {})
     record.save(plan.out)
     started = time.perf_counter()
-    upstream_ran = False
     for stage in plan.stages:
         entry = record.stages[stage.name]
         if record.status == "failed":
@@ -376,15 +420,16 @@ def run_asset(
         entry["status"] = "running"
         record.save(plan.out)
         try:
-            outcome = execute(stage, upstream_ran or stage.name == rerun_stage)
+            outcome = execute(stage, stage.name == rerun_stage)
         except Exception as error:
             log.error("asset %s: %s", plan.row.asset_id, error)
             outcome = StageOutcome(stage.name, "failed", stage.identity, error=str(error))
             record.status = "failed"
-        upstream_ran = upstream_ran or outcome.status == "ran"
         entry.update(status=outcome.status, seconds=round(outcome.seconds, 3), error=outcome.error, finished_at=_now())
         if outcome.tracking_run_id:
             entry["tracking_run_id"] = outcome.tracking_run_id
+        if outcome.tracking_failures:
+            entry["tracking_failures"] = outcome.tracking_failures
         if outcome.result is not None:
             entry["metrics"] = outcome.result.metrics
     if record.status != "failed":

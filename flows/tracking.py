@@ -3,7 +3,10 @@
 The tracking URI is `MLFLOW_TRACKING_URI` when set (an `mlflow server`), else an SQLite file
 `<out>/mlflow.db` with artifacts under `<out>/mlartifacts`. Tracking never fails generation work:
 every MLflow call is guarded, a failure is logged as a warning and kept in `Tracker.failures`,
-which the asset record and the batch summary report.
+which the asset record and the batch summary report. Once the server is unreachable the tracker
+stops calling it (each call would wait out MLflow's HTTP retries while the GPU idles) and records
+every later call as not uploaded; the next asset run connects afresh. Bound the wait for a dead
+server with `MLFLOW_HTTP_REQUEST_MAX_RETRIES` / `MLFLOW_HTTP_REQUEST_TIMEOUT` (set in prefect.yaml).
 """
 
 from __future__ import annotations
@@ -64,6 +67,17 @@ def run_link(uri: str, experiment_id: str | None, run_id: str | None) -> str:
     return run_id
 
 
+def _is_connection_error(error: BaseException) -> bool:
+    """Whether the server could not be reached (as opposed to rejecting one request)."""
+    import requests
+
+    while error is not None:
+        if isinstance(error, (requests.ConnectionError, requests.Timeout)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class Tracker:
     """Guarded MLflow client for one experiment. `Tracker.for_output(out, name)` for the default store."""
 
@@ -72,6 +86,7 @@ class Tracker:
         self.experiment_id = experiment_id
         self.failures: list[str] = []
         self._client = None
+        self._unreachable = False
         try:
             with _LOCK:
                 self._connect(experiment_name, artifact_location)
@@ -111,13 +126,15 @@ class Tracker:
 
     def _guard(self, what: str, fn: Callable, *args, **kwargs) -> Any:
         """Call `fn`; on any error log a warning, remember it and return None."""
-        if self._client is None:
+        if self._client is None or self._unreachable:
+            self.failures.append(f"{what}: not sent, {self.uri} unreachable")
             return None
         try:
             with _LOCK:
                 return fn(*args, **kwargs)
         except Exception as error:
             self._failed(what, error)
+            self._unreachable = _is_connection_error(error)
             return None
 
     def _failed(self, what: str, error: Exception) -> None:
@@ -198,6 +215,7 @@ class StageRun:
         self._buffer: dict[int, dict[str, float]] = {}
         self._last: tuple[int, dict[str, float]] | None = None
         self._flushed_at = time.monotonic()
+        self._failures_before = len(tracker.failures)
 
     @property
     def run_id(self) -> str | None:
@@ -232,6 +250,12 @@ class StageRun:
             return
         self.flush()
         outcome.tracking_run_id = self.run_id
+        try:
+            self._log_result(outcome)
+        finally:
+            outcome.tracking_failures = len(self.tracker.failures) - self._failures_before
+
+    def _log_result(self, outcome: StageOutcome) -> None:
         result = outcome.result
         self.tracker.set_tags(self.run_id, {"status": outcome.status, "directory": result.directory})
         self.tracker.log_metrics(self.run_id, {**result.metrics, **{f"time_{k}": v for k, v in result.timings.items()}})

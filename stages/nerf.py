@@ -178,8 +178,8 @@ def run(
                 "guidance_loss": float(guided.loss.detach()),
                 "grad_norm": guided.grad_norm,
                 "t": float(guided.timesteps.float().mean()),
-                "opacity": float(out.opacity.mean()),
-                "orientation": float(out.orientation),
+                "opacity": float(out.opacity.detach().mean()),
+                "orientation": float(out.orientation.detach()),
                 "step_time": time.perf_counter() - step_start,
                 **{f"norm_{k}": v for k, v in guided.component_norms.items()},
             }

@@ -6,53 +6,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import free_port, stop, wait_healthy
 
 ROOT = Path(__file__).parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "prefect server exited"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"prefect server at {url} not healthy after {timeout}s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop a process we started, and its children, by its process group."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 @pytest.mark.slow
 def test_deploy_then_run_the_batch_deployment_with_a_worker(tmp_path, tiny):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}"}
@@ -68,7 +35,7 @@ def test_deploy_then_run_the_batch_deployment_with_a_worker(tmp_path, tiny):
                               stdout=logs["server"], stderr=subprocess.STDOUT, start_new_session=True)
     worker = None
     try:
-        _wait_healthy(api, server)
+        wait_healthy(f"{api}/health", server)
         env["PREFECT_API_URL"] = api
 
         def prefect(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -81,14 +48,15 @@ def test_deploy_then_run_the_batch_deployment_with_a_worker(tmp_path, tiny):
         assert "csd-asset/batch" in deployed.stdout and "csd-asset-single/asset" in deployed.stdout
         worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "csd-gpu", "--limit", "2"], cwd=ROOT, env=env,
                                   stdout=logs["worker"], stderr=subprocess.STDOUT, start_new_session=True)
+        # in the batch's own process first (the deployment's default fans out)
         params = {"catalog": str(tmp_path / "one.csv"), "preset": "toy-cpu", "out": str(out), "overrides": tiny,
-                  "stage_retries": 0}
+                  "stage_retries": 0, "asset_deployment": None}
         run = prefect("deployment", "run", "csd-asset/batch", "--params", json.dumps(params), "--watch", timeout=600)
         assert "Completed" in run.stdout, run.stdout
         assert (out / "red-cube" / "export" / "asset.glb").stat().st_size > 1000
 
         # fan-out: the batch starts the asset as a run of the `asset` deployment on the same pool
-        # (the worker's second slot); every stage is found done and reused
+        # (a worker without --work-queue polls both queues; its second slot); every stage is reused
         fan_out = {**params, "asset_deployment": "csd-asset-single/asset"}
         run = prefect("deployment", "run", "csd-asset/batch", "--params", json.dumps(fan_out), "--watch", timeout=300)
         assert "Completed" in run.stdout, run.stdout
@@ -99,7 +67,7 @@ def test_deploy_then_run_the_batch_deployment_with_a_worker(tmp_path, tiny):
     finally:
         for process in (worker, server):
             if process is not None:
-                _stop(process)
+                stop(process)
         for handle in logs.values():
             handle.close()
     assert (out / "mlflow.db").exists()

@@ -1,12 +1,14 @@
 """Plans, identities and the per-asset stage loop, without Prefect or MLflow."""
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 
 import pytest
 
 from flows.catalog import CatalogRow
-from flows.pipeline import AssetRecord, StageOutcome, coerce_override, plan_asset, run_asset, stage_states
+from flows.pipeline import AssetRecord, StageOutcome, coerce_override, older_than_inputs, plan_asset, run_asset, stage_states
 from stages.config import ConfigError
 from stages.nerf import NerfConfig
 
@@ -89,17 +91,31 @@ def test_rerun_forces_the_stage_and_everything_after_it(tmp_path, tiny):
     plan = plan_asset(CatalogRow("red", "a red cube", line=2), tmp_path, overrides=tiny)
     execute, calls = _fake_executor(done={"nerf", "mesh", "uv", "texture", "export"})
     record = run_asset(plan, rerun_stage="uv", execute=execute)
-    assert calls == [("nerf", False), ("mesh", False), ("uv", True), ("texture", True), ("export", True)]
-    assert [record.stages[n]["status"] for n in ("nerf", "mesh", "uv", "texture", "export")] == ["reused", "reused", "ran", "ran", "ran"]
+    assert calls == [("nerf", False), ("mesh", False), ("uv", True), ("texture", False), ("export", False)]
     with pytest.raises(ValueError, match="no stage 'edit'"):
         run_asset(plan, rerun_stage="edit", execute=execute)
 
 
-def test_a_stage_that_runs_makes_later_stages_run(tmp_path, tiny):
+def _commit(stage, when_ns: int) -> None:
+    stage.directory.mkdir(parents=True)
+    result = stage.directory / "result.json"
+    result.write_text(json.dumps({"stage": stage.name, "identity": stage.identity}))
+    os.utime(result, ns=(when_ns, when_ns))
+
+
+def test_a_stage_committed_before_its_upstream_is_out_of_date(tmp_path, tiny):
+    """What makes the stages after a rerun (or a recomputed failed stage) run again, while a stage
+    that another batch computed from the current upstream files is reused."""
     plan = plan_asset(CatalogRow("red", "a red cube", line=2), tmp_path, overrides=tiny)
-    execute, calls = _fake_executor(done={"nerf", "texture", "export"})
-    run_asset(plan, execute=execute)
-    assert calls == [("nerf", False), ("mesh", False), ("uv", True), ("texture", True), ("export", True)]
+    for name in ("nerf", "mesh", "uv", "texture"):
+        # uv committed last: it ran again after texture was made from the old uv
+        _commit(plan.stage(name), {"nerf": 1, "mesh": 2, "uv": 9, "texture": 5}[name] * 10**18)
+    assert not older_than_inputs(plan.stage("nerf")) and not older_than_inputs(plan.stage("mesh"))
+    assert not older_than_inputs(plan.stage("uv"))
+    assert older_than_inputs(plan.stage("texture"))
+    texture_only = plan_asset(CatalogRow("box", "a box", mesh=str(CUBE), line=3), tmp_path, overrides=tiny)
+    _commit(texture_only.stage("mesh"), 10**18)
+    assert not older_than_inputs(texture_only.stage("mesh")), "a user mesh file is an input, not a stage"
 
 
 def test_a_failure_blocks_later_stages_and_is_recorded(tmp_path, tiny):
