@@ -3,7 +3,8 @@
     python bench/nerf_quality.py --prompts 8 --seeds 2 --jobs 2 --out runs/bench-nerf
 
 For every (method, prompt, seed) the `nerf` stage runs with the `toy-cpu` preset (same seeds and
-steps for every method); 8 turntable views (lit, 32²) are scored by the independent toy evaluator
+steps for every method; `csd-annealed-negative` anneals over the first half of the run, as the
+official config does over 5000 of 10 000 steps); 8 turntable views (lit, 32²) are scored by the independent toy evaluator
 (fraction of views with the right colour / shape). Prints a markdown table and the per-step time
 split; writes results.json next to the stage outputs.
 """
@@ -40,6 +41,12 @@ def _one(job: dict) -> dict:
     overrides = {"prompt": job["prompt"], "seed": job["seed"], "method": job["method"], "negative_prompt": NEGATIVE}
     if job["steps"]:
         overrides["steps"] = job["steps"]
+    steps = job["steps"] or preset["nerf"]["steps"]
+    if job["method"] == "csd-annealed-negative":
+        # the official anneal spans the first half of the run (0-5000 of 10 000 steps): keep that shape
+        half = steps // 2
+        overrides["guidance"] = {"negative_scale": [0, 0.0, -1.0, half], "null_scale": [0, -1.0, 0.0, half],
+                                 "max_step_percent": [0, 0.98, 0.5, half]}
     config = build_config(NerfConfig, {**preset["nerf"], "model": preset["model"]}, overrides)
     out = Path(job["out"]) / job["method"] / f"{job['prompt'].replace(' ', '_')}-{job['seed']}"
     started = time.perf_counter()
