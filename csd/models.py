@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -217,11 +218,13 @@ def load_prior(config: ModelConfig = ModelConfig()) -> DiffusionPrior:
         return cls.from_pretrained(path, subfolder=name, **kwargs)
 
     weights = {"torch_dtype": dtype, "variant": config.variant}
-    unet = load("unet", **weights)
+    # without accelerate diffusers warns and falls back to this anyway; say it so the log stays clean
+    diffusers_weights = {**weights, "low_cpu_mem_usage": False} if importlib.util.find_spec("accelerate") is None else weights
+    unet = load("unet", **diffusers_weights)
     text_encoder = load("text_encoder", **weights)
     tokenizer = load("tokenizer")
     scheduler = load("scheduler")
-    vae = load("vae", **weights) if index.get("vae") and index["vae"][0] is not None else None
+    vae = load("vae", **diffusers_weights) if index.get("vae") and index["vae"][0] is not None else None
     for module in (unet, text_encoder, vae):
         if module is not None:
             module.requires_grad_(False).eval().to(device)

@@ -18,7 +18,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
     """Wait until GET `url` answers 200, failing early if `process` (the server) exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
