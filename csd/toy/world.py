@@ -102,8 +102,8 @@ def _sdf(points: Tensor, scenes: Scenes) -> Tensor:
     return stacked.gather(0, scenes.shape[None, :, None].expand(1, *sphere.shape))[0]
 
 
-def render(scenes: Scenes, cameras: Cameras, config: WorldConfig) -> Tensor:
-    """Images `(B, 3, R, R)` in [0, 1]."""
+def _trace(scenes: Scenes, cameras: Cameras, config: WorldConfig) -> tuple[Tensor, Tensor]:
+    """Shaded object colour `(B, N, 3)` and hit mask `(B, N)` at the supersampled resolution."""
     size = config.resolution * config.supersample
     origins, directions = get_rays(cameras, size, size)
     batch = len(cameras)
@@ -129,9 +129,40 @@ def render(scenes: Scenes, cameras: Cameras, config: WorldConfig) -> Tensor:
     ambient = scenes.ambient[:, None]
     shade = ambient + (1 - ambient) * diffuse
     colour = scenes.albedo[:, None, :] * shade[..., None]
+    return colour, hit
+
+
+def render(scenes: Scenes, cameras: Cameras, config: WorldConfig) -> Tensor:
+    """Images `(B, 3, R, R)` in [0, 1]."""
+    size = config.resolution * config.supersample
+    colour, hit = _trace(scenes, cameras, config)
     image = torch.where(hit[..., None], colour, scenes.background[:, None, :])
-    image = image.reshape(batch, size, size, 3).permute(0, 3, 1, 2)
+    image = image.reshape(len(cameras), size, size, 3).permute(0, 3, 1, 2)
     return F.avg_pool2d(image, config.supersample).clamp(0, 1)
+
+
+def render_layers(scenes: Scenes, cameras: Cameras, config: WorldConfig) -> tuple[Tensor, Tensor]:
+    """The object alone, to composite over any background: premultiplied colour `(B, 3, R, R)` and
+    coverage `alpha` `(B, 1, R, R)`, both in [0, 1]; `colour + (1 - alpha) * background` is the image."""
+    size = config.resolution * config.supersample
+    colour, hit = _trace(scenes, cameras, config)
+    layers = torch.cat([colour * hit[..., None], hit[..., None].float()], dim=-1)
+    layers = F.avg_pool2d(layers.reshape(len(cameras), size, size, 4).permute(0, 3, 1, 2), config.supersample)
+    return layers[:, :3].clamp(0, 1), layers[:, 3:].clamp(0, 1)
+
+
+def tinted_backgrounds(n: int, generator: torch.Generator) -> Tensor:
+    """`(n, 3)` background colours of any hue, from pale to saturated and from dark to bright.
+
+    Score-distilled images come with such backgrounds (the world's own are light and greyish).
+    """
+    hue = torch.rand(n, generator=generator)
+    saturation = torch.rand(n, generator=generator)
+    value = 0.25 + 0.75 * torch.rand(n, generator=generator)
+    # HSV -> RGB
+    k = (torch.tensor([5.0, 3.0, 1.0]) + 6.0 * hue[:, None]) % 6.0
+    ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    return value[:, None] * (1.0 - saturation[:, None] * ramp)
 
 
 def degrade(images: Tensor, kind: Tensor, generator: torch.Generator) -> Tensor:
