@@ -54,7 +54,7 @@ def _one(job: dict) -> dict:
         with torch.no_grad():
             rendered = renderer.render(torch.from_numpy(asset.texture).float() / 255, cameras, 32, shading="diffuse", training=False).rgb
         scores[name] = toy_score(rendered, prompt)
-    return {"prompt": prompt, "nerf": str(nerf_dir), **{k: s.details for k, s in scores.items()}}
+    return {"prompt": prompt, "asset": nerf_dir.name, **{k: s.details for k, s in scores.items()}}
 
 
 def main() -> None:
@@ -75,7 +75,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for r in results:
         cell = lambda k: f"{r[k]['colour_accuracy']:.0%} / {r[k]['shape_accuracy']:.0%}"  # noqa: E731
-        print(f"| {Path(r['nerf']).name} | {cell('nerf')} | {cell('uv')} | {cell('texture')} |")
+        print(f"| {r['asset']} | {cell('nerf')} | {cell('uv')} | {cell('texture')} |")
     mean = lambda k, m: sum(r[k][m] for r in results) / len(results)  # noqa: E731
     print(f"| **mean** | {mean('nerf', 'colour_accuracy'):.0%} / {mean('nerf', 'shape_accuracy'):.0%} "
           f"| {mean('uv', 'colour_accuracy'):.0%} / {mean('uv', 'shape_accuracy'):.0%} "
