@@ -27,14 +27,12 @@ from csd.schedules import Schedule, validate_schedule
 from stages.common import StageResult, StageWorkspace, StepCallback
 from stages.texture import (
     TextureOptimConfig,
+    commit_textured,
     evaluate,
-    finish_texture,
-    mean_change,
     optimise_texture,
     read_input_mesh,
     texture_tensor,
     validate_optim,
-    write_result,
 )
 
 VERSION = "1"
@@ -110,23 +108,8 @@ def run(
         optimised = optimise_texture(
             "edit", config, prior, renderer, texture_tensor(mesh.texture), prompts, guidance, workspace.path, callback
         )
-        texture = finish_texture(optimised.texture, mesh, config.dilation)
-        outputs, previews, preview_seconds = write_result(config, mesh, texture, renderer, optimised.history, workspace.path)
-        after = evaluate(config, renderer, texture_tensor(texture).to(prior.device), named_prompts)
-        last = optimised.history[-1] if optimised.history else {}
-        result = StageResult(
-            stage="edit",
-            directory=str(out_dir),
-            outputs=outputs,
-            metrics={
-                "steps": float(optimised.step),
-                "resumed_at": float(optimised.resumed_at),
-                "final_loss": last.get("loss", 0.0),
-                "texture_change": mean_change(mesh.texture, texture),
-                **{f"before_{k}": v for k, v in before.items()},
-                **{f"after_{k}": v for k, v in after.items()},
-            },
-            timings={**optimised.timings, "previews": preview_seconds, "total": time.perf_counter() - started},
-            previews=previews,
-        )
-        return workspace.commit(result)
+        def scores(texture):
+            after = evaluate(config, renderer, texture, named_prompts)
+            return {**{f"before_{k}": v for k, v in before.items()}, **{f"after_{k}": v for k, v in after.items()}}
+
+        return commit_textured(workspace, config, mesh, renderer, optimised, scores, started)

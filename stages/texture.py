@@ -351,6 +351,38 @@ def mean_change(before: np.ndarray, after: np.ndarray) -> float:
     return float(np.abs(after.astype(np.int16) - before.astype(np.int16)).mean() / 255)
 
 
+def commit_textured(
+    workspace: StageWorkspace,
+    config: TextureOptimConfig,
+    mesh: TexturedMesh,
+    renderer: MeshRenderer,
+    optimised: Optimised,
+    scores: Callable[[Tensor], dict[str, float]],
+    started: float,
+) -> StageResult:
+    """Dilate seams, write the textured mesh and previews, score the final texture and commit.
+
+    `scores` maps the final texture `(Ht, Wt, 3)` in [0, 1] (on the prior's device) to metrics."""
+    texture = finish_texture(optimised.texture, mesh, config.dilation)
+    outputs, previews, preview_seconds = write_result(config, mesh, texture, renderer, optimised.history, workspace.path)
+    last = optimised.history[-1] if optimised.history else {}
+    result = StageResult(
+        stage=workspace.stage,
+        directory=str(workspace.final),
+        outputs=outputs,
+        metrics={
+            "steps": float(optimised.step),
+            "resumed_at": float(optimised.resumed_at),
+            "final_loss": last.get("loss", 0.0),
+            "texture_change": mean_change(mesh.texture, texture),
+            **scores(texture_tensor(texture).to(renderer.device)),
+        },
+        timings={**optimised.timings, "previews": preview_seconds, "total": time.perf_counter() - started},
+        previews=previews,
+    )
+    return workspace.commit(result)
+
+
 def run(
     config: TextureConfig, out_dir: Path, *, inputs: dict[str, Path] | None = None, identity: str = "", callback: StepCallback = None
 ) -> StageResult:
@@ -367,22 +399,5 @@ def run(
         optimised = optimise_texture(
             "texture", config, prior, renderer, texture_tensor(mesh.texture), prompts, guidance, workspace.path, callback
         )
-        texture = finish_texture(optimised.texture, mesh, config.dilation)
-        outputs, previews, preview_seconds = write_result(config, mesh, texture, renderer, optimised.history, workspace.path)
-        scores = evaluate(config, renderer, texture_tensor(texture).to(prior.device), {"prompt": config.prompt})
-        last = optimised.history[-1] if optimised.history else {}
-        result = StageResult(
-            stage="texture",
-            directory=str(out_dir),
-            outputs=outputs,
-            metrics={
-                "steps": float(optimised.step),
-                "resumed_at": float(optimised.resumed_at),
-                "final_loss": last.get("loss", 0.0),
-                "texture_change": mean_change(mesh.texture, texture),
-                **scores,
-            },
-            timings={**optimised.timings, "previews": preview_seconds, "total": time.perf_counter() - started},
-            previews=previews,
-        )
-        return workspace.commit(result)
+        scores = lambda texture: evaluate(config, renderer, texture, {"prompt": config.prompt})  # noqa: E731
+        return commit_textured(workspace, config, mesh, renderer, optimised, scores, started)
