@@ -167,5 +167,9 @@ def test_an_unreachable_mlflow_never_fails_a_stage(prefect_server, tiny, tmp_pat
     assert state.is_completed()
     record = AssetRecord.load(out, "offline")
     assert stage_states(out)["offline"] == dict.fromkeys(GREEN_STAGES, "done")
-    assert record.tracking["asset_run_id"] is None
+    assert record.tracking["asset_run_id"].startswith("pending-"), "a placeholder until the spool is replayed"
     assert any(f"127.0.0.1:{port}" in failure for failure in record.tracking["failures"]), record.tracking["failures"]
+    (spooled,) = (out / ".tracking-spool").glob("*.jsonl")
+    entries = [json.loads(line) for line in spooled.read_text().splitlines()[1:]]
+    stage_runs = {entry["name"] for entry in entries if entry["op"] == "create_run" and entry["parent"] == record.tracking["asset_run_id"]}
+    assert stage_runs == set(GREEN_STAGES), "every stage's run waits in the spool under the asset's placeholder"
