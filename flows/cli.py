@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+
+OUT_HELP = "output root: a folder or an fsspec URL such as s3://bucket/csd (default ./out)"
 
 
 def _version(name: str) -> str:
@@ -77,7 +81,7 @@ def validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(out: Path, only: list[str] | None = None) -> None:
+def _print_status(out: str, only: list[str] | None = None) -> None:
     from flows.pipeline import STAGE_NAMES, stage_states
 
     table = {k: v for k, v in stage_states(out).items() if not only or k in only}
@@ -99,16 +103,18 @@ def status(args: argparse.Namespace) -> int:
     return 1 if any("failed" in stages.values() for stages in stage_states(args.out).values()) else 0
 
 
-def _print_outputs(out: Path, asset_ids: list[str]) -> None:
+def _print_outputs(out: str, asset_ids: list[str]) -> None:
     from flows.pipeline import AssetRecord
+    from flows.store import open_store
     from flows.tracking import tracking_uri
 
+    store = open_store(out)
     for asset_id in asset_ids:
-        record = AssetRecord.load(out, asset_id)
+        record = AssetRecord.load(store, asset_id)
         done = [name for name, entry in (record.stages if record else {}).items() if entry.get("status") in ("ran", "reused")]
-        glbs = sorted((out / asset_id / done[-1]).glob("*.glb")) if done else []
-        print(f"{asset_id}: {glbs[0] if glbs else (out / asset_id / done[-1] if done else 'nothing finished')}")
-    uri = tracking_uri(out)
+        glbs = store.glob(f"{asset_id}/{done[-1]}/*.glb") if done else []
+        print(f"{asset_id}: {store.path(glbs[0]) if glbs else (store.path(f'{asset_id}/{done[-1]}') if done else 'nothing finished')}")
+    uri = tracking_uri(store.local)
     review = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
     print(f"MLflow: {uri}\n  review with: {review}")
 
@@ -153,6 +159,25 @@ def rerun(args: argparse.Namespace) -> int:
     return 0 if state.is_completed() else 1
 
 
+def sync_tracking(args: argparse.Namespace) -> int:
+    """Upload the MLflow logs spooled while the tracking server was unreachable. Exits 1 while some stay
+    pending (server still down, a batch still running), so that a cron job or CI step notices."""
+    from flows.store import open_store
+    from flows.tracking import RUN_IDS, default_spool, replay_spool
+
+    spool = default_spool(open_store(args.out).local)
+    report = replay_spool(spool)
+    print(f"{spool}: {len(report.runs)} run(s) created, {report.sent} entr(ies) sent, "
+          f"{len(report.done)} spool file(s) uploaded, {len(report.pending)} pending")
+    if report.runs:
+        print(f"  placeholder run ids (pending-…) in asset.json map to the created runs in {spool / RUN_IDS}")
+    for name, why in report.pending.items():
+        print(f"  pending {name}: {why}")
+    for problem in report.rejected:
+        print(f"  refused by the server, dropped: {problem}")
+    return 1 if report.pending else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flows.pipeline import DEFAULT_PRESET, STAGE_NAMES
 
@@ -166,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         if catalog_required:
             command.add_argument("catalog", type=Path, help="CSV catalog (schema: catalogs/README.md)")
         command.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset for rows without a preset column (default {DEFAULT_PRESET})")
-        command.add_argument("--out", type=Path, default=Path("out"), help="output root (default ./out)")
+        command.add_argument("--out", default="out", help=OUT_HELP)
         command.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                              help="config override for every row, e.g. --set nerf.steps=200 (repeatable)")
 
@@ -186,20 +211,33 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(func=rerun)
 
     command = sub.add_parser("status", help="assets x stages under an output root: done / failed / missing")
-    command.add_argument("--out", type=Path, default=Path("out"), help="output root (default ./out)")
+    command.add_argument("--out", default="out", help=OUT_HELP)
     command.set_defaults(func=status)
 
     command = sub.add_parser("validate", help="check a catalog and report every problem; runs nothing")
     common(command)
     command.set_defaults(func=validate)
+
+    command = sub.add_parser("sync-tracking", help="upload the MLflow logs spooled while the tracking server was down")
+    command.add_argument("--out", default="out", help=OUT_HELP)
+    command.set_defaults(func=sync_tracking)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the temporary Prefect server (no PREFECT_API_URL) migrates a fresh database first: on a small,
+    # busy machine that takes longer than Prefect's default 20 s
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # one line per Prefect API call
-    return args.func(args)
+    from flows.store import StoreError
+
+    try:
+        return args.func(args)
+    except StoreError as error:
+        print(error, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +46,8 @@ from flows.pipeline import (
     DEFAULT_PRESET, STAGE_NAMES, AssetPlan, AssetRecord, PlannedStage, StageOutcome, execute_stage, load_catalog, plan_asset,
     run_asset,
 )
-from flows.tracking import Tracker, code_version, run_link
+from flows.store import open_store
+from flows.tracking import Tracker, code_version, default_spool, run_link
 
 log = logging.getLogger(__name__)
 BATCH_FLOW = "csd-asset"
@@ -92,14 +94,15 @@ def _asset_tags(plan: AssetPlan, catalog: str | None) -> dict[str, Any]:
 def _open_asset_run(plan: AssetPlan, tracking: dict[str, Any] | None, rerun: bool) -> tuple[Tracker, str | None]:
     """A stage rerun logs under the asset's previous MLflow run; otherwise a new asset run starts
     (under the batch run when `tracking` names one)."""
-    previous = AssetRecord.load(plan.out, plan.row.asset_id)
+    previous = AssetRecord.load(plan.store, plan.row.asset_id)
     earlier = previous.tracking if previous else {}
     if rerun and earlier.get("asset_run_id"):
-        return Tracker(earlier["uri"], experiment_id=earlier["experiment_id"]), earlier["asset_run_id"]
+        spool = default_spool(plan.store.local)
+        return Tracker(earlier["uri"], experiment_id=earlier["experiment_id"], spool_dir=spool), earlier["asset_run_id"]
     if tracking:
-        tracker = Tracker(tracking["uri"], experiment_id=tracking["experiment_id"])
+        tracker = Tracker(tracking["uri"], experiment_id=tracking["experiment_id"], spool_dir=default_spool(plan.store.local))
     else:
-        tracker = Tracker.for_output(plan.out, DEFAULT_EXPERIMENT)
+        tracker = Tracker.for_output(plan.store.local, DEFAULT_EXPERIMENT)
     tracking = tracking or {}
     run_id = tracker.start_run(plan.row.asset_id, tracking.get("parent_run_id"), _asset_tags(plan, tracking.get("catalog")))
     tracker.log_params(run_id, {"preset": plan.preset, "overrides": plan.overrides, "stages": ",".join(s.name for s in plan.stages)})
@@ -122,7 +125,7 @@ def asset(
     `row` is a catalog row (`CatalogRow.to_dict()`); `rerun_stage` forces that stage and the later
     ones to run again; `tracking` (from the batch) names the MLflow store, the batch's MLflow run
     (`parent_run_id`) and the batch (`batch_id`, recorded in `asset.json` for the batch to find)."""
-    plan = plan_asset(CatalogRow.from_dict(row), Path(out), preset, overrides)
+    plan = plan_asset(CatalogRow.from_dict(row), out, preset, overrides)
     if rerun_stage is not None:
         plan.stage(rerun_stage)
     tracker, asset_run_id = _open_asset_run(plan, tracking, rerun_stage is not None)
@@ -138,10 +141,11 @@ def asset(
     record = run_asset(plan, rerun_stage=rerun_stage, execute=execute, tracking=link)
     tracker.set_tags(asset_run_id, {"status": record.status})
     tracker.end_run(asset_run_id, record.status != "failed")
+    tracker.close()
     record.tracking["failures"] = tracker.failures
-    record.save(plan.out)
+    record.save(plan.store)
     if (tracking or {}).get("batch_id"):
-        record.hand_to_batch(plan.out, tracking["batch_id"])
+        record.hand_to_batch(plan.store, tracking["batch_id"])
     if record.status == "failed":
         errors = [entry["error"] for entry in record.stages.values() if entry.get("error")]
         raise AssetFailed("; ".join(errors))
@@ -174,7 +178,9 @@ def summary_markdown(catalog: str, records: dict[str, AssetRecord | None], track
     lost = [(asset_id, record) for asset_id, record in records.items() if record and record.tracking.get("failures")]
     if lost or tracker.failures:
         lines += ["", "## MLflow logs not uploaded", "",
-                  "The stage files below are complete; only their MLflow logs (params, metrics, artifacts) are missing or partial.", ""]
+                  "The stage files below are complete; their MLflow logs (params, metrics, artifacts) are queued in the spool "
+                  f"`{tracker.spool_dir}` and will be uploaded by `csd-asset sync-tracking --out {tracker.spool_dir.parent}` "
+                  "(or automatically at the next run that reaches the server).", ""]
     for asset_id, record in lost:
         stages = [name for name, entry in record.stages.items() if entry.get("tracking_failures")]
         where = "stages " + ", ".join(stages) if stages else "the asset run only"
@@ -236,10 +242,14 @@ def batch(
         raise ValueError(f"unknown stage {rerun_stage!r}; valid: {', '.join(STAGE_NAMES)}")
     if asset_attempts < 1:
         raise ValueError(f"asset_attempts must be at least 1, got {asset_attempts}")
-    parsed, plans = load_catalog(Path(catalog), preset, overrides, Path(out))
+    store = open_store(out)
+    if store.remote and not os.environ.get("MLFLOW_TRACKING_URI"):
+        log.warning("output root %s is shared but MLflow logs go to %s on this machine; set MLFLOW_TRACKING_URI to a server",
+                    store.url, store.local)
+    parsed, plans = load_catalog(Path(catalog), preset, overrides, store)
     rows = parsed.select(only)
     stages_of = {plan.row.asset_id: {s.name for s in plan.stages} for plan in plans}
-    tracker = Tracker.for_output(Path(out), experiment or f"{DEFAULT_EXPERIMENT}/{Path(catalog).stem}")
+    tracker = Tracker.for_output(store.local, experiment or f"{DEFAULT_EXPERIMENT}/{Path(catalog).stem}")
     started = datetime.now(timezone.utc)
     batch_id = flow_run.id or uuid.uuid4().hex
     batch_run_id = tracker.start_run(
@@ -261,7 +271,7 @@ def batch(
             submit_asset(asset_deployment, parameters, asset_key(batch_id, parsed.fingerprint, parameters), asset_attempts)
         else:
             asset(**parameters, return_state=True)
-        return AssetRecord.collect(Path(out), row.asset_id, batch_id)
+        return AssetRecord.collect(store, row.asset_id, batch_id)
 
     wall = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, max_parallel_assets), thread_name_prefix="asset") as pool:
@@ -274,6 +284,7 @@ def batch(
     failed = sorted(a for a, status in statuses.items() if status in ("failed", "crashed"))
     tracker.log_metrics(batch_run_id, {"assets_failed": len(failed), "assets_total": len(rows), "wall_seconds": time.perf_counter() - wall})
     tracker.end_run(batch_run_id, not failed)
+    tracker.close()
     if failed:
         raise BatchFailed(f"{len(failed)} of {len(rows)} asset(s) failed: {', '.join(failed)}\n{markdown}")
     return statuses

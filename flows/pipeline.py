@@ -7,6 +7,7 @@ A stage's identity is `hash(asset_id, stage, resolved config, upstream identitie
 digests, stage VERSION)`; its files live in `<out>/<asset_id>/<stage>/`. A completed directory
 with the same identity is reused unless an upstream stage was committed after it (then it runs again,
 and so does everything after it): two batches over one output root compute each stage once.
+The output root may be a local folder or an fsspec URL (`flows.store`).
 `<out>/<asset_id>/asset.json` records what the last run of the asset did (for `csd-asset status`
 and `csd-asset rerun`).
 """
@@ -32,7 +33,8 @@ from typing import Any
 import yaml
 
 from flows.catalog import Catalog, CatalogError, CatalogRow, read_catalog
-from stages.common import RESULT_FILE, StageResult, StepCallback, atomic_write_text, completed, stage_lock
+from flows.store import Store, open_store
+from stages.common import RESULT_FILE, StageResult, StepCallback, completed
 from stages.config import ConfigError, build_config, config_hash, load_preset
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,9 @@ class PlannedStage:
     config: Any
     identity: str
     directory: Path
+    """In the store's working copy (the root itself for a local root)."""
     inputs: dict[str, Path]
+    store: Store
 
     @property
     def name(self) -> str:
@@ -118,7 +122,7 @@ class AssetPlan:
     row: CatalogRow
     preset: str
     overrides: dict[str, Any]
-    out: Path
+    store: Store
     stages: list[PlannedStage]
 
     def stage(self, name: str) -> PlannedStage:
@@ -203,7 +207,7 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def plan_asset(row: CatalogRow, out: Path, preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> AssetPlan:
+def plan_asset(row: CatalogRow, out: Store | str | Path, preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> AssetPlan:
     """Configs, identities, directories and inputs of every stage the row runs. Raises ConfigError
     (naming the row's line) when a config does not resolve."""
     overrides = dict(overrides or {})
@@ -212,7 +216,7 @@ def plan_asset(row: CatalogRow, out: Path, preset: str = DEFAULT_PRESET, overrid
         preset_data = load_preset(preset_name)
     except ConfigError as error:
         raise ConfigError(f"line {row.line} (asset {row.asset_id!r}): {error}") from error
-    out = Path(out)
+    store = open_store(out)
     stages: list[PlannedStage] = []
     upstream: Upstream = {}
     identities: dict[Path, str] = {}
@@ -226,11 +230,11 @@ def plan_asset(row: CatalogRow, out: Path, preset: str = DEFAULT_PRESET, overrid
         inputs = spec.inputs(row, upstream)
         linked = {key: identities[path] if path in identities else file_digest(path) for key, path in inputs.items()}
         identity = config_hash(row.asset_id, spec.name, config, linked, spec.load().VERSION)
-        directory = out / row.asset_id / spec.name
-        stages.append(PlannedStage(row.asset_id, spec, config, identity, directory, inputs))
+        directory = store.local / row.asset_id / spec.name
+        stages.append(PlannedStage(row.asset_id, spec, config, identity, directory, inputs, store))
         upstream[spec.name] = directory
         identities[directory] = identity
-    return AssetPlan(row, preset_name, overrides, out, stages)
+    return AssetPlan(row, preset_name, overrides, store, stages)
 
 
 def _check_override_key(key: str, where: str) -> str | None:
@@ -251,15 +255,16 @@ def _check_override_key(key: str, where: str) -> str | None:
 
 
 def load_catalog(
-    path: Path, preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None, out: Path = Path("out")
+    path: Path, preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None, out: Store | str | Path = "out"
 ) -> tuple[Catalog, list[AssetPlan]]:
     """Read the catalog and plan every row; raise one CatalogError listing every problem found."""
     catalog, problems = read_catalog(path, lambda column: _check_override_key(column, f"header: column {column!r}"))
     problems += [p for key in overrides or {} if (p := _check_override_key(key, f"--set {key}"))]
     plans = []
+    store = open_store(out)
     for row in catalog.rows:
         try:
-            plans.append(plan_asset(row, out, preset, overrides))
+            plans.append(plan_asset(row, store, preset, overrides))
         except ConfigError as error:
             problems.append(str(error))
     if problems:
@@ -302,8 +307,9 @@ class StageOutcome:
     """MLflow calls for this stage that failed or were not sent (server unreachable)."""
 
 
-def _committed_at(directory: Path) -> int:
-    return (Path(directory) / RESULT_FILE).stat().st_mtime_ns
+def _committed_at(directory: Path) -> float:
+    result = completed(directory)
+    return result.committed_at or (Path(directory) / RESULT_FILE).stat().st_mtime
 
 
 def older_than_inputs(stage: PlannedStage) -> bool:
@@ -317,20 +323,27 @@ def older_than_inputs(stage: PlannedStage) -> bool:
 
 def execute_stage(stage: PlannedStage, force: bool = False, callback: StepCallback = None) -> StageOutcome:
     """Reuse the completed stage directory with this identity (unless `force`, or an upstream stage was
-    committed after it), or run the stage module."""
+    committed after it), or run the stage module. With a shared root (`flows.store`) the completed
+    stage or the checkpoint of an unfinished run comes from the root, and the result goes back to it."""
     faults = {f.strip() for f in os.environ.get(FAULT_ENV, "").split(",")}
+    store = stage.store
     # a second run of the same stage (another batch, another worker) waits here, then reuses the result
-    with stage_lock(stage.directory):
+    with store.lock(stage.directory):
         if not force:
+            store.pull_stage(stage.directory, stage.identity)
             done = completed(stage.directory, stage.identity)
             if done is not None and not older_than_inputs(stage):
                 log.info("asset %s: %s reused (%s)", stage.asset_id, stage.name, stage.identity)
+                store.push_stage(stage.directory)  # a run that died between commit and upload
                 return StageOutcome(stage.name, "reused", stage.identity, result=done)
         started = time.perf_counter()
         try:
             if f"{stage.asset_id}/{stage.name}" in faults:
                 raise InjectedFault(f"{FAULT_ENV} names {stage.asset_id}/{stage.name}")
-            result = stage.spec.load().run(stage.config, stage.directory, inputs=stage.inputs, identity=stage.identity, callback=callback)
+            store.pull_partial(stage.directory, stage.identity)
+            with store.publishing_checkpoints():
+                result = stage.spec.load().run(stage.config, stage.directory, inputs=stage.inputs, identity=stage.identity, callback=callback)
+            store.push_stage(stage.directory)
         except Exception as error:
             raise StageFailed(describe_failure(stage, error)) from error
     return StageOutcome(stage.name, "ran", stage.identity, time.perf_counter() - started, result)
@@ -368,33 +381,31 @@ class AssetRecord:
         return record
 
     @classmethod
-    def load(cls, out: Path, asset_id: str) -> "AssetRecord | None":
+    def _read(cls, store: Store, rel: str) -> "AssetRecord | None":
         try:
-            return cls(**json.loads((Path(out) / asset_id / ASSET_RECORD).read_text()))
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return cls(**json.loads(store.read_text(rel) or "null"))
+        except (json.JSONDecodeError, TypeError):
             return None
-
-    def save(self, out: Path) -> None:
-        directory = Path(out) / self.asset_id
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / ASSET_RECORD, json.dumps(dataclasses.asdict(self), indent=2))
-
-    def hand_to_batch(self, out: Path, batch_id: str) -> None:
-        """Leave a copy for the batch `batch_id`, which collects it with `collect`."""
-        directory = Path(out) / self.asset_id / BATCH_RECORDS
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / f"{batch_id}.json", json.dumps(dataclasses.asdict(self), indent=2))
 
     @classmethod
-    def collect(cls, out: Path, asset_id: str, batch_id: str) -> "AssetRecord | None":
+    def load(cls, out: Store | str | Path, asset_id: str) -> "AssetRecord | None":
+        return cls._read(open_store(out), f"{asset_id}/{ASSET_RECORD}")
+
+    def save(self, out: Store | str | Path) -> None:
+        open_store(out).write_text(f"{self.asset_id}/{ASSET_RECORD}", json.dumps(dataclasses.asdict(self), indent=2))
+
+    def hand_to_batch(self, out: Store | str | Path, batch_id: str) -> None:
+        """Leave a copy for the batch `batch_id`, which collects it with `collect`."""
+        open_store(out).write_text(f"{self.asset_id}/{BATCH_RECORDS}/{batch_id}.json", json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def collect(cls, out: Store | str | Path, asset_id: str, batch_id: str) -> "AssetRecord | None":
         """The record the asset's run left for batch `batch_id` (removed once read), or None when the
         run ended before writing one (crashed)."""
-        path = Path(out) / asset_id / BATCH_RECORDS / f"{batch_id}.json"
-        try:
-            record = cls(**json.loads(path.read_text()))
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
-            return None
-        path.unlink()
+        store, rel = open_store(out), f"{asset_id}/{BATCH_RECORDS}/{batch_id}.json"
+        record = cls._read(store, rel)
+        if record is not None:
+            store.remove(rel)
         return record
 
 
@@ -410,7 +421,7 @@ def run_asset(
     if rerun_stage is not None:
         plan.stage(rerun_stage)
     record = AssetRecord.start(plan, tracking or {})
-    record.save(plan.out)
+    record.save(plan.store)
     started = time.perf_counter()
     for stage in plan.stages:
         entry = record.stages[stage.name]
@@ -418,7 +429,7 @@ def run_asset(
             entry["status"] = "blocked"
             continue
         entry["status"] = "running"
-        record.save(plan.out)
+        record.save(plan.store)
         try:
             outcome = execute(stage, stage.name == rerun_stage)
         except Exception as error:
@@ -436,25 +447,26 @@ def run_asset(
         record.status = "completed"
     record.finished_at = _now()
     record.wall_seconds = round(time.perf_counter() - started, 3)
-    record.save(plan.out)
+    record.save(plan.store)
     return record
 
 
-def stage_states(out: Path) -> dict[str, dict[str, str]]:
+def stage_states(out: Store | str | Path) -> dict[str, dict[str, str]]:
     """`{asset_id: {stage: done | failed | running | blocked | stale | missing}}` from `asset.json`
     records checked against the stage directories (a `done` stage whose directory no longer holds
     the recorded identity is `stale`)."""
+    store = open_store(out)
     table: dict[str, dict[str, str]] = {}
-    for path in sorted(Path(out).glob(f"*/{ASSET_RECORD}")):
-        record = AssetRecord.load(path.parent.parent, path.parent.name)
+    for rel in store.glob(f"*/{ASSET_RECORD}"):
+        record = AssetRecord.load(store, rel.split("/")[0])
         if record is None:
             continue
         row: dict[str, str] = {}
         for name, entry in record.stages.items():
             status = entry.get("status", "missing")
             if status in ("ran", "reused"):
-                done = completed(path.parent / name, entry.get("identity"))
-                status = "done" if done is not None else "stale"
+                done = store.stage_identity(store.local / record.asset_id / name) == entry.get("identity")
+                status = "done" if done else "stale"
             elif status == "pending":
                 status = "missing"
             row[name] = status

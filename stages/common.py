@@ -9,6 +9,8 @@ a crash never leaves a half stage that looks done and never loses what was there
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import fcntl
 import json
 import logging
@@ -30,6 +32,9 @@ StepCallback = Optional[Callable[[int, dict[str, float]], None]]
 """Called by long stage loops with (step, metrics) — the flow logs them to MLflow."""
 
 RESULT_FILE = "result.json"
+checkpoint_saved: contextvars.ContextVar[Optional[Callable[[Path], None]]] = contextvars.ContextVar("checkpoint_saved", default=None)
+"""Called with the path of every checkpoint a stage saves: a shared output root uploads it, so a run
+retried on another machine resumes from it (see `flows.store`)."""
 
 
 @dataclass
@@ -43,6 +48,8 @@ class StageResult:
     timings: dict[str, float] = field(default_factory=dict)
     previews: list[str] = field(default_factory=list)
     identity: str = ""
+    committed_at: float = 0.0
+    """Seconds since the epoch when the stage was committed (copies of the directory keep it)."""
 
     def path(self, name: str) -> Path:
         """Absolute path of output `name`."""
@@ -53,8 +60,9 @@ class StageResult:
     @classmethod
     def load(cls, directory: Path) -> "StageResult":
         data = json.loads((Path(directory) / RESULT_FILE).read_text())
-        data["directory"] = str(directory)
-        return cls(**data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        # a shared root adds its own keys (the file manifest)
+        return cls(**{k: v for k, v in data.items() if k in known and k != "directory"}, directory=str(directory))
 
 
 def completed(directory: Path, identity: str | None = None) -> StageResult | None:
@@ -95,6 +103,7 @@ class StageWorkspace:
         """Write `result.json` and move the directory into place atomically."""
         result.identity = self.identity
         result.directory = str(self.final)
+        result.committed_at = time.time()
         payload = asdict(result)
         payload.pop("directory")
         atomic_write_text(self.path / RESULT_FILE, json.dumps(payload, indent=2))
@@ -160,6 +169,9 @@ class TrainingCheckpoint:
     def save(self, step: int, history: list[dict[str, float]], **state: Any) -> None:
         payload = {**state, "generator": self.generator.get_state(), "rng": self.rng.getstate(), "step": step, "history": history}
         atomic_save(lambda p: torch.save(payload, p), self.path)
+        publish = checkpoint_saved.get()
+        if publish is not None:
+            publish(self.path)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

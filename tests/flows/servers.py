@@ -77,3 +77,24 @@ def kill_tree(process: subprocess.Popen) -> list[int]:
             pass
     process.wait()
     return pids
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start_s3(log_path: Path, bucket: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    """A moto S3 server on loopback holding an empty `bucket`, and the environment that points boto
+    (so s3fs) at it: what a MinIO or S3 user sets with AWS_ENDPOINT_URL_S3 and credentials."""
+    import sys
+
+    import boto3
+
+    port = free_port()
+    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    wait_healthy(f"{env['AWS_ENDPOINT_URL_S3']}/moto-api/", server, timeout=60)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    return server, env

@@ -1,6 +1,9 @@
 """Scale-out on one machine, loopback only: a `prefect server`, an `mlflow server` (SQLite backend,
 proxied artifacts), the `csd-gpu` pool with a batch worker on queue `batch` and two asset workers
 (`--limit 1`, one per "GPU") on queue `assets`, and the crash automation of `automations.yaml`.
+Each worker has its own working copy for output roots in object storage (a moto S3 server), as
+separate machines would; the kill test uses such a root, so the survivor resumes from a checkpoint
+it finds in the bucket.
 
 The tests share that cluster and run in file order: the MLflow test stops the MLflow server and
 the kill test kills a worker, so each comes after the tests that need what it stops.
@@ -20,7 +23,9 @@ import pytest
 import trimesh
 import yaml
 from mlflow import MlflowClient
-from servers import free_port, kill_tree, stop, wait_healthy
+from servers import free_port, kill_tree, start_s3, stop, wait_healthy
+
+from flows.pipeline import AssetRecord
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +36,7 @@ CRASH_AFTER_S = 75
 """The automation's `within` here: heartbeats come every 30 s (prefect.yaml), so a dead run is Crashed 75–105 s after it
 died; with less slack a busy 2-core machine delays a live run's heartbeat past the window and it is wrongly Crashed."""
 EXPERIMENT = "scale-out"
+BUCKET = "csd"
 
 
 class Cluster:
@@ -119,7 +125,13 @@ def cluster(tmp_path_factory):
     (root / "meshes").mkdir()
     shutil.copy(ROOT / "catalogs" / "meshes" / "cube.obj", root / "meshes" / "cube.obj")
     cluster = Cluster(root)
+    patch = pytest.MonkeyPatch()
     try:
+        s3_server, s3_env = start_s3(root / "moto.log", BUCKET)
+        cluster.processes["s3"] = s3_server
+        cluster.env.update(s3_env)
+        for key, value in s3_env.items():
+            patch.setenv(key, value)  # this process reads the bucket too
         server = cluster.start("prefect-server", [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(cluster.prefect_port)])
         cluster.start_mlflow()
         wait_healthy(f"{cluster.api}/health", server)
@@ -132,10 +144,11 @@ def cluster(tmp_path_factory):
         cluster.prefect("automation", "create", "--from-json", json.dumps(automations))
         cluster.start_worker("batch-worker", "batch", 4)
         for name, gpu in (("gpu-a", "0"), ("gpu-b", "1")):
-            cluster.start_worker(name, "assets", 1, CUDA_VISIBLE_DEVICES=gpu)
+            cluster.start_worker(name, "assets", 1, CUDA_VISIBLE_DEVICES=gpu, CSD_ASSET_WORK_DIR=str(root / f"work-{name}"))
         yield cluster
     finally:
         cluster.close()
+        patch.undo()
 
 
 def _catalog(root: Path, name: str, rows: list[str]) -> str:
@@ -249,26 +262,34 @@ def test_a_batch_completes_while_the_mlflow_server_is_down(cluster, tiny):
 
 
 def test_a_killed_worker_loses_nothing(cluster, tiny):
+    """The root is a bucket and each worker has its own working copy: the survivor can only resume
+    from the checkpoint the victim uploaded."""
+    import s3fs
+
     rows = ["doomed-cube,a red cube,0,,60,5"]
-    catalog, out = _catalog(cluster.root, "doomed", rows), cluster.root / "out-doomed"
-    batch_id = cluster.start_batch(_params(cluster, catalog, str(out), tiny))
-    checkpoint = out / "doomed-cube" / "nerf.partial" / "checkpoint.pt"
+    catalog, out = _catalog(cluster.root, "doomed", rows), f"s3://{BUCKET}/doomed"
+    batch_id = cluster.start_batch(_params(cluster, catalog, out, tiny))
+    bucket = s3fs.S3FileSystem(endpoint_url=cluster.env["AWS_ENDPOINT_URL_S3"])
     deadline = time.monotonic() + 300
-    while not checkpoint.exists():
-        assert time.monotonic() < deadline, "the nerf stage never wrote a checkpoint"
-        time.sleep(0.2)
+    while not bucket.exists(f"{BUCKET}/doomed/doomed-cube/nerf.partial/checkpoint.pt"):
+        assert time.monotonic() < deadline, "the nerf stage never uploaded a checkpoint"
+        time.sleep(0.5)
+        bucket.invalidate_cache()
     workers = {cluster.processes[name].pid: name for name in ("gpu-a", "gpu-b")}
-    victim = workers[_record(out, "doomed-cube")["worker"]["parent_pid"]]
+    victim = workers[AssetRecord.load(out, "doomed-cube").worker["parent_pid"]]
     kill_tree(cluster.processes[victim])
 
     run = cluster.wait(batch_id, timeout=900)
     assert run.state.is_completed(), run.state
     attempts = sorted(cluster.asset_runs(batch_id), key=lambda r: r.created)
     assert [r.state.type.value for r in attempts] == ["CRASHED", "COMPLETED"]
-    record = _record(out, "doomed-cube")
+    record = AssetRecord.load(out, "doomed-cube")
     survivor = next(name for name in workers.values() if name != victim)
-    assert workers.get(record["worker"]["parent_pid"]) == survivor
-    nerf = record["stages"]["nerf"]
+    assert workers.get(record.worker["parent_pid"]) == survivor
+    nerf = record.stages["nerf"]
     assert nerf["status"] == "ran" and nerf["metrics"]["resumed_at"] >= 5 and nerf["metrics"]["steps"] == 60
-    assert _glb_loads(out / "doomed-cube" / "export" / "asset.glb")
-    assert not (out / "doomed-cube" / "nerf.partial").exists()
+    bucket.invalidate_cache()
+    glb = cluster.root / "doomed.glb"
+    bucket.get_file(f"{BUCKET}/doomed/doomed-cube/export/asset.glb", str(glb))
+    assert _glb_loads(glb)
+    assert not bucket.exists(f"{BUCKET}/doomed/doomed-cube/nerf.partial"), "the bucket keeps no checkpoint of a finished stage"
