@@ -143,6 +143,7 @@ class Store:
         if self.remote is None:
             return sorted(p.relative_to(self.local).as_posix() for p in self.local.glob(pattern))
         root = self.fs._strip_protocol(self.remote).rstrip("/")
+        self.fs.invalidate_cache()  # listings cached by this process miss what other machines wrote since
         return sorted(p[len(root) + 1 :] for p in self.fs.glob(f"{root}/{pattern}"))
 
     def stage_identity(self, directory: Path) -> str | None:
@@ -172,7 +173,10 @@ class Store:
             return False
         rel = self.rel(directory)
         text = self.read_text(f"{rel}/{RESULT_FILE}")
-        result = json.loads(text) if text else {}
+        try:
+            result = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            result = {}
         if result.get("identity") != identity or MANIFEST_KEY not in result:
             return False
         local_result = Path(directory) / RESULT_FILE

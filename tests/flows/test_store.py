@@ -4,11 +4,14 @@ machine resumes, records read from the root. "Machines" are stores with their ow
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -34,7 +37,8 @@ def _sha(path: Path) -> str:
 def bucket():
     url = f"memory://csd-test-{uuid.uuid4().hex[:8]}/out"
     yield url
-    fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
+    with contextlib.suppress(FileNotFoundError):
+        fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
 
 
 def _machine(url: str, tmp_path: Path, name: str):
@@ -142,3 +146,32 @@ def test_two_machines_share_an_s3_root(s3, tmp_path, tiny):
     assert remote.cat_file(glb) == local_glb.read_bytes()
     mesh = trimesh.load(local_glb, force="mesh")
     assert len(mesh.faces) > 0
+
+
+def test_a_lease_excludes_others_until_released_and_expires_when_its_holder_died(bucket, tmp_path):
+    store = _machine(bucket, tmp_path, "a")
+    stage_dir = store.local / "red" / "nerf"
+    order = []
+
+    def second():
+        with store.lock(stage_dir):
+            order.append("second in")
+
+    with store.lock(stage_dir):
+        order.append("first in")
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(2.5)
+        order.append("first out")
+    waiter.join(timeout=30)
+    assert order == ["first in", "first out", "second in"]
+    assert not fsspec.filesystem("memory").exists(f"{bucket.split('://')[1]}/red/nerf.lock"), "released leases are removed"
+
+    # a holder that died leaves its lease; it is taken over once expired, not before
+    remote = fsspec.filesystem("memory")
+    lease = f"{bucket.split('://')[1]}/red/nerf.lock"
+    remote.pipe_file(lease, json.dumps({"owner": "dead-host:1:x", "expires": time.time() + 2}).encode())
+    started = time.monotonic()
+    with store.lock(stage_dir):
+        waited = time.monotonic() - started
+    assert 1.5 < waited < 10, waited
