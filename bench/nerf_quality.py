@@ -1,12 +1,15 @@
 """NeRF-stage quality and speed on CPU with the toy prior: CSD vs CSD + annealed negative prompt vs SDS.
 
     python bench/nerf_quality.py --prompts 8 --seeds 2 --jobs 2 --out runs/bench-nerf
+    python bench/nerf_quality.py --prompts 8 --first-seed 1 --seeds 1   # add seed 1 to earlier results
 
 For every (method, prompt, seed) the `nerf` stage runs with the `toy-cpu` preset (same seeds and
 steps for every method; `csd-annealed-negative` anneals over the first half of the run, as the
 official config does over 5000 of 10 000 steps); 8 turntable views (lit, 32²) are scored by the independent toy evaluator
 (fraction of views with the right colour / shape). Prints a markdown table and the per-step time
-split; writes results.json next to the stage outputs.
+split; writes results.json next to the stage outputs. Runs already in results.json (same method,
+prompt, seed, steps and preset) are kept and counted in the tables, so seeds can be added later; a
+stage folder that already holds a finished run with the same config is scored again, not rerun.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import yaml
 
 PROMPTS = [
     "a red cube", "a green sphere", "a blue cone", "a yellow torus",
@@ -34,7 +39,8 @@ def _one(job: dict) -> dict:
     from csd.fields import load_field
     from csd.metrics import toy_score
     from csd.renderer import VolumeRenderer
-    from stages.config import build_config, load_preset
+    from stages.common import completed
+    from stages.config import build_config, config_to_dict, load_preset
     from stages.nerf import NerfConfig, render_turntable, run
 
     preset = load_preset(job["preset"])
@@ -49,9 +55,14 @@ def _one(job: dict) -> dict:
                                  "max_step_percent": [0, 0.98, 0.5, half]}
     config = build_config(NerfConfig, {**preset["nerf"], "model": preset["model"]}, overrides)
     out = Path(job["out"]) / job["method"] / f"{job['prompt'].replace(' ', '_')}-{job['seed']}"
-    started = time.perf_counter()
-    result = run(config, out)
-    wall = time.perf_counter() - started
+    done = completed(out)
+    if done is not None and yaml.safe_load((out / "config.yaml").read_text()) == json.loads(json.dumps(config_to_dict(config))):
+        # the same run finished earlier: score it again (the evaluator may be newer), keep its timings
+        result, wall = done, done.timings["total"]
+    else:
+        started = time.perf_counter()
+        result = run(config, out)
+        wall = time.perf_counter() - started
     volume = load_field(out)
     views = render_turntable(volume, VolumeRenderer(config.renderer, config.field.bound), 8, 32, shading="diffuse")
     score = toy_score(views, job["prompt"])
@@ -62,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed … first-seed + seeds - 1")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=0, help="override the preset's step count (0: preset)")
     parser.add_argument("--preset", default="toy-cpu")
@@ -71,14 +83,21 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     jobs = [
         {"method": m, "prompt": p, "seed": s, "steps": args.steps, "preset": args.preset, "out": str(args.out)}
-        for m in args.methods.split(",") for p in PROMPTS[: args.prompts] for s in range(args.seeds)
+        for m in args.methods.split(",") for p in PROMPTS[: args.prompts] for s in range(args.first_seed, args.first_seed + args.seeds)
     ]
     with ProcessPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(_one, jobs))
+        new = list(pool.map(_one, jobs))
+    key = lambda r: (r["method"], r["prompt"], r["seed"], r["steps"], r["preset"])  # noqa: E731
+    path = args.out / "results.json"
+    earlier = json.loads(path.read_text()) if path.exists() else []
+    results = [r for r in earlier if key(r) not in {key(n) for n in new}] + new
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    path.write_text(json.dumps(results, indent=2))
+    wanted = {(m, p) for m in args.methods.split(",") for p in PROMPTS[: args.prompts]}
+    results = [r for r in results if (r["method"], r["prompt"]) in wanted and r["steps"] == args.steps and r["preset"] == args.preset]
+    seeds = sorted({r["seed"] for r in results})
 
-    print(f"\n{len(PROMPTS[: args.prompts])} prompts x {args.seeds} seeds, preset {args.preset}, 8 views each\n")
+    print(f"\n{len(PROMPTS[: args.prompts])} prompts x seeds {seeds}, preset {args.preset}, 8 views each\n")
     print("| method | colour | shape | mean stage wall (s) |")
     print("|---|---|---|---|")
     for method in args.methods.split(","):

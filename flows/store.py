@@ -256,8 +256,11 @@ class Store:
 
         def publish(path: Path) -> None:
             rel = self.rel(path.parent)
-            self.fs.put_file(str(path.parent / "identity.txt"), self._key(f"{rel}/identity.txt"))
-            self.fs.put_file(str(path), self._key(f"{rel}/{path.name}"))
+            try:
+                self.fs.put_file(str(path.parent / "identity.txt"), self._key(f"{rel}/identity.txt"))
+                self.fs.put_file(str(path), self._key(f"{rel}/{path.name}"))
+            except Exception as error:  # the stage goes on; only a resume on another machine would start further back
+                log.warning("could not upload checkpoint %s to %s: %s: %s", rel, self.url, type(error).__name__, error)
 
         token = checkpoint_saved.set(publish)
         try:

@@ -1,15 +1,22 @@
-"""Starting and stopping the local servers and workers of the integration tests (loopback only),
-and killing a process tree we started, by its ids."""
+"""Starting and stopping the local servers and workers of the integration tests and the scale-out
+benchmark (loopback only), and killing a process tree we started, by its ids."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).parents[2]
+PREFECT = [sys.executable, "-m", "prefect"]
 
 
 def free_port() -> int:
@@ -85,8 +92,6 @@ S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "test
 def start_s3(log_path: Path, bucket: str) -> tuple[subprocess.Popen, dict[str, str]]:
     """A moto S3 server on loopback holding an empty `bucket`, and the environment that points boto
     (so s3fs) at it: what a MinIO or S3 user sets with AWS_ENDPOINT_URL_S3 and credentials."""
-    import sys
-
     import boto3
 
     port = free_port()
@@ -98,3 +103,108 @@ def start_s3(log_path: Path, bucket: str) -> tuple[subprocess.Popen, dict[str, s
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket=bucket)
     return server, env
+
+
+class Cluster:
+    """Local servers and workers under `root` (logs, databases): `start_services` starts a `prefect
+    server`, an `mlflow server` (SQLite backend, proxied artifacts), the `csd-gpu` process pool with
+    this repository's deployments and automations; then `start_worker` for each worker."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.logs = []
+        self.prefect_port, self.mlflow_port = free_port(), free_port()
+        self.api = f"http://127.0.0.1:{self.prefect_port}/api"
+        self.mlflow_uri = f"http://127.0.0.1:{self.mlflow_port}"
+        self.env = {**os.environ, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
+                    "PREFECT_WORKER_QUERY_SECONDS": "2", "MLFLOW_TRACKING_URI": self.mlflow_uri,
+                    "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        for name in ("PREFECT_API_URL", "CSD_ASSET_FAIL_STAGE"):
+            self.env.pop(name, None)
+
+    def start(self, name: str, args: list[str], **env: str) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "a")
+        self.logs.append(log)
+        process = subprocess.Popen(args, cwd=ROOT, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def start_s3(self, bucket: str) -> dict[str, str]:
+        """A moto S3 server holding `bucket`, for every process started after; returns its environment."""
+        server, env = start_s3(self.root / "moto.log", bucket)
+        self.processes["s3"] = server
+        self.env.update(env)
+        return env
+
+    def start_services(self, crash_after_s: float) -> None:
+        """Prefect and MLflow servers, the pool, the deployments, and the crash automation with its
+        window set to `crash_after_s`."""
+        server = self.start("prefect-server", [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.prefect_port)])
+        self.start_mlflow()
+        wait_healthy(f"{self.api}/health", server)
+        self.env["PREFECT_API_URL"] = self.api
+        self.prefect("work-pool", "create", "csd-gpu", "--type", "process")
+        self.prefect("--no-prompt", "deploy", "--all")
+        automations = yaml.safe_load((ROOT / "automations.yaml").read_text())
+        for automation in automations["automations"]:
+            automation["trigger"]["within"] = crash_after_s
+        self.prefect("automation", "create", "--from-json", json.dumps(automations))
+
+    def start_mlflow(self) -> None:
+        server = self.start("mlflow", [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
+                                       "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                                       "--artifacts-destination", str(self.root / "mlartifacts")])
+        wait_healthy(f"{self.mlflow_uri}/health", server)
+
+    def start_worker(self, name: str, queue: str, limit: int, **env: str) -> subprocess.Popen:
+        return self.start(name, [*PREFECT, "worker", "start", "--pool", "csd-gpu", "--work-queue", queue, "--limit", str(limit),
+                                 "--name", name], **env)
+
+    def prefect(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        done = subprocess.run([*PREFECT, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+        return done
+
+    def client(self):
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.api}):
+            return get_client(sync_client=True)
+
+    def start_batch(self, parameters: dict) -> str:
+        with self.client() as client:
+            deployment = client.read_deployment_by_name("csd-asset/batch")
+            return str(client.create_flow_run_from_deployment(deployment.id, parameters=parameters).id)
+
+    def wait(self, flow_run_id: str, timeout: float = 600):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.client() as client:
+                run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            time.sleep(2)
+        raise TimeoutError(f"flow run {flow_run_id} not finished after {timeout}s; logs in {self.root}")
+
+    def asset_runs(self, batch_run_id: str) -> list:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+        with self.client() as client:
+            return client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[batch_run_id])))
+
+    def summary(self, batch_run_id: str) -> str:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        with self.client() as client:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[batch_run_id])))
+        return "\n".join(str(a.data) for a in artifacts)
+
+    def close(self) -> None:
+        for process in reversed(list(self.processes.values())):
+            stop(process)
+        for log in self.logs:
+            log.close()

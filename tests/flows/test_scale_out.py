@@ -12,7 +12,6 @@ the kill test kills a worker, so each comes after the tests that need what it st
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,102 +20,19 @@ from pathlib import Path
 
 import pytest
 import trimesh
-import yaml
 from mlflow import MlflowClient
-from servers import free_port, kill_tree, start_s3, stop, wait_healthy
+from servers import ROOT, Cluster, kill_tree, stop
 
 from flows.pipeline import AssetRecord
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).parents[2]
-PREFECT = [sys.executable, "-m", "prefect"]
 ASSET_DEPLOYMENT = "csd-asset-single/asset"
 CRASH_AFTER_S = 75
 """The automation's `within` here: heartbeats come every 30 s (prefect.yaml), so a dead run is Crashed 75–105 s after it
 died; with less slack a busy 2-core machine delays a live run's heartbeat past the window and it is wrongly Crashed."""
 EXPERIMENT = "scale-out"
 BUCKET = "csd"
-
-
-class Cluster:
-    def __init__(self, root: Path):
-        self.root = root
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.logs = []
-        self.prefect_port, self.mlflow_port = free_port(), free_port()
-        self.api = f"http://127.0.0.1:{self.prefect_port}/api"
-        self.mlflow_uri = f"http://127.0.0.1:{self.mlflow_port}"
-        self.env = {**os.environ, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
-                    "PREFECT_WORKER_QUERY_SECONDS": "2", "MLFLOW_TRACKING_URI": self.mlflow_uri,
-                    "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        for name in ("PREFECT_API_URL", "CSD_ASSET_FAIL_STAGE"):
-            self.env.pop(name, None)
-
-    def start(self, name: str, args: list[str], **env: str) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "a")
-        self.logs.append(log)
-        process = subprocess.Popen(args, cwd=ROOT, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        self.processes[name] = process
-        return process
-
-    def start_mlflow(self) -> None:
-        server = self.start("mlflow", [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
-                                       "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                                       "--artifacts-destination", str(self.root / "mlartifacts")])
-        wait_healthy(f"{self.mlflow_uri}/health", server)
-
-    def start_worker(self, name: str, queue: str, limit: int, **env: str) -> subprocess.Popen:
-        return self.start(name, [*PREFECT, "worker", "start", "--pool", "csd-gpu", "--work-queue", queue, "--limit", str(limit),
-                                 "--name", name], **env)
-
-    def prefect(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        done = subprocess.run([*PREFECT, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
-        assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-        return done
-
-    def client(self):
-        from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        with temporary_settings({PREFECT_API_URL: self.api}):
-            return get_client(sync_client=True)
-
-    def start_batch(self, parameters: dict) -> str:
-        with self.client() as client:
-            deployment = client.read_deployment_by_name("csd-asset/batch")
-            return str(client.create_flow_run_from_deployment(deployment.id, parameters=parameters).id)
-
-    def wait(self, flow_run_id: str, timeout: float = 600):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.client() as client:
-                run = client.read_flow_run(flow_run_id)
-            if run.state is not None and run.state.is_final():
-                return run
-            time.sleep(2)
-        raise TimeoutError(f"flow run {flow_run_id} not finished after {timeout}s; logs in {self.root}")
-
-    def asset_runs(self, batch_run_id: str) -> list:
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-
-        with self.client() as client:
-            return client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[batch_run_id])))
-
-    def summary(self, batch_run_id: str) -> str:
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-        with self.client() as client:
-            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[batch_run_id])))
-        return "\n".join(str(a.data) for a in artifacts)
-
-    def close(self) -> None:
-        for process in reversed(list(self.processes.values())):
-            stop(process)
-        for log in self.logs:
-            log.close()
 
 
 @pytest.fixture(scope="module")
@@ -127,21 +43,9 @@ def cluster(tmp_path_factory):
     cluster = Cluster(root)
     patch = pytest.MonkeyPatch()
     try:
-        s3_server, s3_env = start_s3(root / "moto.log", BUCKET)
-        cluster.processes["s3"] = s3_server
-        cluster.env.update(s3_env)
-        for key, value in s3_env.items():
+        for key, value in cluster.start_s3(BUCKET).items():
             patch.setenv(key, value)  # this process reads the bucket too
-        server = cluster.start("prefect-server", [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(cluster.prefect_port)])
-        cluster.start_mlflow()
-        wait_healthy(f"{cluster.api}/health", server)
-        cluster.env["PREFECT_API_URL"] = cluster.api
-        cluster.prefect("work-pool", "create", "csd-gpu", "--type", "process")
-        cluster.prefect("--no-prompt", "deploy", "--all")
-        automations = yaml.safe_load((ROOT / "automations.yaml").read_text())
-        for automation in automations["automations"]:
-            automation["trigger"]["within"] = CRASH_AFTER_S
-        cluster.prefect("automation", "create", "--from-json", json.dumps(automations))
+        cluster.start_services(crash_after_s=CRASH_AFTER_S)
         cluster.start_worker("batch-worker", "batch", 4)
         for name, gpu in (("gpu-a", "0"), ("gpu-b", "1")):
             cluster.start_worker(name, "assets", 1, CUDA_VISIBLE_DEVICES=gpu, CSD_ASSET_WORK_DIR=str(root / f"work-{name}"))
@@ -259,6 +163,24 @@ def test_a_batch_completes_while_the_mlflow_server_is_down(cluster, tiny):
     summary = cluster.summary(batch_id)
     # dark-box (no nerf) may have finished before the server went away; dark-red was inside nerf
     assert "MLflow logs not uploaded" in summary and f"- dark-red: stages {', '.join(lost)};" in summary, summary
+    assert f"csd-asset sync-tracking --out {out}" in summary
+
+    # the server is back: the spooled logs are uploaded and the asset's run tree is complete
+    cluster.start_mlflow()
+    synced = subprocess.run([sys.executable, "-m", "flows.cli", "sync-tracking", "--out", str(out)], cwd=ROOT, env=cluster.env,
+                            capture_output=True, text=True, timeout=300)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    run_ids = json.loads((out / ".tracking-spool" / "run-ids.json").read_text())
+    asset_run_id = record["tracking"]["asset_run_id"]
+    asset_run_id = run_ids.get(asset_run_id, asset_run_id)
+    client = MlflowClient(cluster.mlflow_uri)
+    assert client.get_run(asset_run_id).info.status == "FINISHED"
+    stage_runs = client.search_runs([client.get_run(asset_run_id).info.experiment_id], max_results=100,
+                                    filter_string=f"tags.mlflow.parentRunId = '{asset_run_id}'")
+    assert sorted(r.info.run_name for r in stage_runs) == sorted(record["stages"])
+    export = next(r for r in stage_runs if r.info.run_name == "export")
+    assert export.info.status == "FINISHED" and export.data.params and export.data.metrics
+    assert [a.path for a in client.list_artifacts(export.info.run_id, "previews")], "files spooled while down were uploaded"
 
 
 def test_a_killed_worker_loses_nothing(cluster, tiny):
