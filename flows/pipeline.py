@@ -307,9 +307,11 @@ class StageOutcome:
     """MLflow calls for this stage that failed or were not sent (server unreachable)."""
 
 
-def _committed_at(directory: Path) -> float:
-    result = completed(directory)
-    return result.committed_at or (Path(directory) / RESULT_FILE).stat().st_mtime
+def _committed_at(store: Store, directory: Path) -> float:
+    """When the stage was committed: recorded in its result (older results: the file's time)."""
+    result = store.committed(directory)
+    local = Path(directory) / RESULT_FILE
+    return result.committed_at or (local.stat().st_mtime if local.exists() else 0.0)
 
 
 def older_than_inputs(stage: PlannedStage) -> bool:
@@ -317,29 +319,33 @@ def older_than_inputs(stage: PlannedStage) -> bool:
     ran again, e.g. a rerun or a failed stage computed anew), so this stage must run again although
     its identity matches. Like make, by commit times: a stage that another batch computed from the
     current upstream files is reused, not computed twice."""
-    upstream = [path for path in stage.inputs.values() if Path(path).is_dir() and completed(path) is not None]
-    return bool(upstream) and max(map(_committed_at, upstream)) > _committed_at(stage.directory)
+    store = stage.store
+    upstream = [path for path in stage.inputs.values() if store.committed(path) is not None]
+    return bool(upstream) and max(_committed_at(store, p) for p in upstream) > _committed_at(store, stage.directory)
 
 
 def execute_stage(stage: PlannedStage, force: bool = False, callback: StepCallback = None) -> StageOutcome:
     """Reuse the completed stage directory with this identity (unless `force`, or an upstream stage was
-    committed after it), or run the stage module. With a shared root (`flows.store`) the completed
-    stage or the checkpoint of an unfinished run comes from the root, and the result goes back to it."""
+    committed after it), or run the stage module. With an object-store root (`flows.store`) a stage
+    is reused from the root without downloading it; a stage that runs first pulls its upstream stages
+    and the checkpoint of an unfinished run, and its result goes back to the root."""
     faults = {f.strip() for f in os.environ.get(FAULT_ENV, "").split(",")}
     store = stage.store
     # a second run of the same stage (another batch, another worker) waits here, then reuses the result
     with store.lock(stage.directory):
         if not force:
-            store.pull_stage(stage.directory, stage.identity)
-            done = completed(stage.directory, stage.identity)
+            if store.committed(stage.directory, stage.identity) is None and completed(stage.directory, stage.identity):
+                store.push_stage(stage.directory)  # a run here died between its commit and its upload
+            done = store.committed(stage.directory, stage.identity)
             if done is not None and not older_than_inputs(stage):
                 log.info("asset %s: %s reused (%s)", stage.asset_id, stage.name, stage.identity)
-                store.push_stage(stage.directory)  # a run that died between commit and upload
                 return StageOutcome(stage.name, "reused", stage.identity, result=done)
         started = time.perf_counter()
         try:
             if f"{stage.asset_id}/{stage.name}" in faults:
                 raise InjectedFault(f"{FAULT_ENV} names {stage.asset_id}/{stage.name}")
+            for upstream in stage.inputs.values():
+                store.pull_upstream(upstream)
             store.pull_partial(stage.directory, stage.identity)
             with store.publishing_checkpoints():
                 result = stage.spec.load().run(stage.config, stage.directory, inputs=stage.inputs, identity=stage.identity, callback=callback)
@@ -465,8 +471,8 @@ def stage_states(out: Store | str | Path) -> dict[str, dict[str, str]]:
         for name, entry in record.stages.items():
             status = entry.get("status", "missing")
             if status in ("ran", "reused"):
-                done = store.stage_identity(store.local / record.asset_id / name) == entry.get("identity")
-                status = "done" if done else "stale"
+                done = store.committed(store.local / record.asset_id / name, entry.get("identity"))
+                status = "done" if done is not None else "stale"
             elif status == "pending":
                 status = "missing"
             row[name] = status

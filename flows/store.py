@@ -9,14 +9,16 @@ because stages read and write ordinary files (torch, trimesh, imageio). Objects 
 no lock, so:
 
 - **commit**: a stage's files are uploaded first and its `result.json` last, carrying a manifest
-  (sha256 of every file). Only a `result.json` whose identity matches and whose manifest matches the
-  downloaded files counts as done: a crash mid-upload, or two writers interleaving, is never
-  mistaken for a completed stage.
+  (sha256 of every file); a crash mid-upload leaves no `result.json`, so nothing looks done.
+- **reuse**: a stage whose committed identity matches is reused without downloading it; a stage
+  that runs downloads its upstream stages and checks them against their manifests. Files that do
+  not match (two writers interleaved) fail that stage and remove the broken commit, so the next run
+  computes the upstream stage again.
 - **checkpoints**: every checkpoint a stage saves (`TrainingCheckpoint`) is uploaded to
   `<stage>.partial/`, so a run retried on another machine resumes from it.
 - **lock**: a lease object `<stage>.lock` (owner, expiry) renewed while the stage runs; a crashed
   holder's lease expires after `LEASE_SECONDS`. Leases are best effort (two machines may, in a narrow
-  race, both compute a stage; the manifest check keeps that from mixing their files).
+  race, both compute a stage; the manifest check catches files their uploads mixed).
 - **records**: `asset.json` and the batch hand-over records are single objects, written whole.
 
 Credentials and endpoints come from fsspec's usual sources (e.g. `AWS_PROFILE`,
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.common import RESULT_FILE, atomic_write_text, checkpoint_saved, stage_lock
+from stages.common import RESULT_FILE, StageResult, atomic_write_text, checkpoint_saved, completed, stage_lock
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +148,18 @@ class Store:
         self.fs.invalidate_cache()  # listings cached by this process miss what other machines wrote since
         return sorted(p[len(root) + 1 :] for p in self.fs.glob(f"{root}/{pattern}"))
 
-    def stage_identity(self, directory: Path) -> str | None:
-        """The identity of the stage committed at `directory` in the root (not the working copy)."""
-        text = self.read_text(f"{self.rel(directory)}/{RESULT_FILE}")
+    def committed(self, directory: Path, identity: str | None = None) -> StageResult | None:
+        """The result of the stage committed at `directory` in the root (with `identity` when given),
+        whether or not its files are in this machine's working copy yet; None for a path that is not a
+        stage directory of this root (a user's mesh file)."""
+        if self.remote is None:
+            return completed(directory, identity)
         try:
-            return json.loads(text)["identity"] if text else None
-        except (json.JSONDecodeError, KeyError, TypeError):
+            text = self.read_text(f"{self.rel(directory)}/{RESULT_FILE}")
+            result = StageResult.from_json(text, directory) if text and MANIFEST_KEY in json.loads(text) else None
+        except (ValueError, TypeError):  # outside the root, or not a result
             return None
+        return result if result is not None and identity in (None, result.identity) else None
 
     # ---- stage directories ----
 
@@ -166,41 +173,51 @@ class Store:
         with _Lease(self, f"{self.rel(directory)}.lock"):
             yield
 
-    def pull_stage(self, directory: Path, identity: str) -> bool:
-        """Bring the stage committed in the root with `identity` into the working copy (unless it is
-        there already). False when the root has no such complete stage."""
-        if self.remote is None:
-            return False
+    def pull_upstream(self, directory: Path) -> None:
+        """Bring the upstream stage committed in the root at `directory` into the working copy (unless
+        it is there already); nothing for a local root or a path outside it (a user's mesh file).
+        Raises StoreError when the root has no committed stage there, or when a file does not match
+        the manifest (two writers interleaved): then the commit is removed, so that the next run of
+        the asset computes that stage again."""
+        if self.remote is None or not Path(directory).is_relative_to(self.local):
+            return
         rel = self.rel(directory)
         text = self.read_text(f"{rel}/{RESULT_FILE}")
         try:
             result = json.loads(text) if text else {}
         except json.JSONDecodeError:
             result = {}
-        if result.get("identity") != identity or MANIFEST_KEY not in result:
-            return False
+        if MANIFEST_KEY not in result:
+            raise StoreError(f"upstream stage {rel} is not committed in {self.url} (removed as broken, or deleted); "
+                             "the next run of the asset computes it again")
         local_result = Path(directory) / RESULT_FILE
         if local_result.exists() and json.loads(local_result.read_text()).get(MANIFEST_KEY) == result[MANIFEST_KEY]:
-            return True
+            return
         incoming = Path(directory).with_name(f".{Path(directory).name}.pull-{uuid.uuid4().hex[:8]}")
         try:
             for name, digest in result[MANIFEST_KEY].items():
                 target = incoming / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(self._key(f"{rel}/{name}"), str(target))
+                try:
+                    self.fs.get_file(self._key(f"{rel}/{name}"), str(target))
+                except FileNotFoundError:
+                    self._broken(rel, text, f"{name} is missing")
                 if _sha256(target) != digest:
-                    log.warning("stage %s in %s: %s does not match its manifest (another run is writing it)", rel, self.url, name)
-                    return False
+                    self._broken(rel, text, f"{name} does not match its manifest")
             incoming.mkdir(parents=True, exist_ok=True)
             (incoming / RESULT_FILE).write_text(text)
             _replace_dir(incoming, Path(directory))
-        except FileNotFoundError as error:
-            log.warning("stage %s in %s is incomplete (%s); computing it", rel, self.url, error)
-            return False
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
         log.info("stage %s: pulled from %s", rel, self.url)
-        return True
+
+    def _broken(self, rel: str, text: str, why: str) -> None:
+        """Uncommit the stage at `rel` (if its result is still `text`) and raise StoreError."""
+        if self.read_text(f"{rel}/{RESULT_FILE}") == text:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._key(f"{rel}/{RESULT_FILE}"))
+        raise StoreError(f"stage {rel} in {self.url}: {why} (two writers interleaved, or an upload was cut short); "
+                         "its commit is removed, so the next run computes it again")
 
     def push_stage(self, directory: Path) -> None:
         """Upload the working copy's committed stage at `directory`: files, then `result.json` with

@@ -59,7 +59,12 @@ class StageResult:
 
     @classmethod
     def load(cls, directory: Path) -> "StageResult":
-        data = json.loads((Path(directory) / RESULT_FILE).read_text())
+        return cls.from_json((Path(directory) / RESULT_FILE).read_text(), directory)
+
+    @classmethod
+    def from_json(cls, text: str, directory: Path) -> "StageResult":
+        """The result a `result.json` text describes, for the stage directory `directory`."""
+        data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         # a shared root adds its own keys (the file manifest)
         return cls(**{k: v for k, v in data.items() if k in known and k != "directory"}, directory=str(directory))
@@ -69,7 +74,7 @@ def completed(directory: Path, identity: str | None = None) -> StageResult | Non
     """The result of a completed stage in `directory` (matching `identity` when given), else None."""
     try:
         result = StageResult.load(directory)
-    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, TypeError):
         return None
     if identity is not None and result.identity != identity:
         return None

@@ -56,7 +56,8 @@ def test_a_folder_and_a_file_url_are_used_in_place(tmp_path):
 def test_a_crashed_stage_resumes_on_another_machine_and_a_third_reuses_it(bucket, tmp_path, tiny):
     overrides = {**tiny, "nerf.steps": 8, "nerf.checkpoint_every": 4}
     row = CatalogRow("red", "a red cube", line=2)
-    stage_on = {name: plan_asset(row, _machine(bucket, tmp_path, name), overrides=overrides).stage("nerf") for name in "abcd"}
+    plan_on = {name: plan_asset(row, _machine(bucket, tmp_path, name), overrides=overrides) for name in "abcd"}
+    stage_on = {name: plan.stage("nerf") for name, plan in plan_on.items()}
     remote = fsspec.filesystem("memory")
     root = bucket.split("://")[1]
 
@@ -82,12 +83,21 @@ def test_a_crashed_stage_resumes_on_another_machine_and_a_third_reuses_it(bucket
 
     outcome = execute_stage(stage_on["c"], callback=lambda step, metrics: pytest.fail("machine c must not compute"))
     assert outcome.status == "reused"
-    assert {n: _sha(stage_on["c"].directory / n) for n in committed[MANIFEST_KEY]} == committed[MANIFEST_KEY]
+    assert not stage_on["c"].directory.exists(), "a reused stage is not downloaded"
+    assert execute_stage(plan_on["c"].stage("mesh")).status == "ran"
+    assert {n: _sha(stage_on["c"].directory / n) for n in committed[MANIFEST_KEY]} == committed[MANIFEST_KEY], \
+        "a stage that runs downloads its upstream stage"
 
-    # a file in the root that does not match the manifest (a writer interleaved, a broken upload) is not "done"
+    # a file in the root that does not match the manifest (writers interleaved): the stage that needs it
+    # fails and removes the broken commit, so the next run computes the upstream stage again
     remote.pipe_file(f"{root}/red/nerf/history.json", b"[]")
+    assert execute_stage(stage_on["d"]).status == "reused"
+    with pytest.raises(StageFailed, match="red/nerf .*history.json does not match its manifest"):
+        execute_stage(plan_on["d"].stage("mesh"), force=True)
+    assert not remote.exists(f"{root}/red/nerf/result.json")
     assert execute_stage(stage_on["d"]).status == "ran"
     assert json.loads(remote.cat_file(f"{root}/red/nerf/history.json")) != []
+    assert execute_stage(plan_on["d"].stage("mesh")).status == "ran", "mesh comes after the recomputed nerf"
 
 
 def test_records_and_states_come_from_the_root(bucket, tmp_path, tiny):
@@ -137,12 +147,13 @@ def test_two_machines_share_an_s3_root(s3, tmp_path, tiny):
     assert second.returncode == 0, second.stdout + second.stderr
     record_b = json.loads((tmp_path / "b" / "work" / "box" / "asset.json").read_text())
     assert {name: entry["status"] for name, entry in record_b["stages"].items()} == dict.fromkeys(["mesh", "uv", "texture", "export"], "reused")
+    assert not [name for name in record_b["stages"] if (tmp_path / "b" / "work" / "box" / name).exists()], "machine b downloaded no stage"
 
     status = run("c", "status", "--out", url)
     assert status.returncode == 0 and status.stdout.split("\n")[1].split() == ["box", "-", "done", "done", "done", "-", "done"]
     remote = s3fs.S3FileSystem(endpoint_url=s3["AWS_ENDPOINT_URL_S3"], key="testing", secret="testing")
     glb = next(p for p in remote.ls("csd/nightly/box/export") if p.endswith(".glb"))
-    local_glb = tmp_path / "b" / "work" / "box" / "export" / Path(glb).name
+    local_glb = tmp_path / "a" / "work" / "box" / "export" / Path(glb).name
     assert remote.cat_file(glb) == local_glb.read_bytes()
     mesh = trimesh.load(local_glb, force="mesh")
     assert len(mesh.faces) > 0
