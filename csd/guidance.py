@@ -120,6 +120,11 @@ class GuidanceOutput:
     component_norms: dict[str, float] = field(default_factory=dict)
     coefficients: dict[str, float] = field(default_factory=dict)
 
+    def metrics(self) -> dict[str, float]:
+        """What every distillation loop logs of a step: ‖g‖, mean t and the norm of each term."""
+        return {"grad_norm": self.grad_norm, "t": float(self.timesteps.float().mean()),
+                **{f"norm_{k}": v for k, v in self.component_norms.items()}}
+
 
 def _per_sample_norm(x: Tensor) -> Tensor:
     return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.ndim - 1)))

@@ -96,11 +96,11 @@ def _open_asset_run(plan: AssetPlan, tracking: dict[str, Any] | None, rerun: boo
     (under the batch run when `tracking` names one)."""
     previous = AssetRecord.load(plan.store, plan.row.asset_id)
     earlier = previous.tracking if previous else {}
+    spool = default_spool(plan.store.local)
     if rerun and earlier.get("asset_run_id"):
-        spool = default_spool(plan.store.local)
         return Tracker(earlier["uri"], experiment_id=earlier["experiment_id"], spool_dir=spool), earlier["asset_run_id"]
     if tracking:
-        tracker = Tracker(tracking["uri"], experiment_id=tracking["experiment_id"], spool_dir=default_spool(plan.store.local))
+        tracker = Tracker(tracking["uri"], experiment_id=tracking["experiment_id"], spool_dir=spool)
     else:
         tracker = Tracker.for_output(plan.store.local, DEFAULT_EXPERIMENT)
     tracking = tracking or {}

@@ -34,7 +34,7 @@ import yaml
 
 from flows.catalog import Catalog, CatalogError, CatalogRow, read_catalog
 from flows.store import Store, open_store
-from stages.common import RESULT_FILE, StageResult, StepCallback, completed
+from stages.common import RESULT_FILE, StageResult, StepCallback
 from stages.config import ConfigError, build_config, config_hash, load_preset
 
 log = logging.getLogger(__name__)
@@ -334,9 +334,7 @@ def execute_stage(stage: PlannedStage, force: bool = False, callback: StepCallba
     # a second run of the same stage (another batch, another worker) waits here, then reuses the result
     with store.lock(stage.directory):
         if not force:
-            if store.committed(stage.directory, stage.identity) is None and completed(stage.directory, stage.identity):
-                store.push_stage(stage.directory)  # a run here died between its commit and its upload
-            done = store.committed(stage.directory, stage.identity)
+            done = store.reusable(stage.directory, stage.identity)
             if done is not None and not older_than_inputs(stage):
                 log.info("asset %s: %s reused (%s)", stage.asset_id, stage.name, stage.identity)
                 return StageOutcome(stage.name, "reused", stage.identity, result=done)

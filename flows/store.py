@@ -173,6 +173,15 @@ class Store:
         with _Lease(self, f"{self.rel(directory)}.lock"):
             yield
 
+    def reusable(self, directory: Path, identity: str) -> StageResult | None:
+        """`committed(directory, identity)`, after uploading a stage that this working copy committed
+        but never uploaded (its run died in between)."""
+        result = self.committed(directory, identity)
+        if result is None and self.remote is not None and completed(directory, identity) is not None:
+            self.push_stage(directory)
+            result = self.committed(directory, identity)
+        return result
+
     def pull_upstream(self, directory: Path) -> None:
         """Bring the upstream stage committed in the root at `directory` into the working copy (unless
         it is there already); nothing for a local root or a path outside it (a user's mesh file).

@@ -176,12 +176,10 @@ def run(
             metrics = {
                 "loss": float(loss.detach()),
                 "guidance_loss": float(guided.loss.detach()),
-                "grad_norm": guided.grad_norm,
-                "t": float(guided.timesteps.float().mean()),
                 "opacity": float(out.opacity.detach().mean()),
                 "orientation": float(out.orientation.detach()),
                 "step_time": time.perf_counter() - step_start,
-                **{f"norm_{k}": v for k, v in guided.component_norms.items()},
+                **guided.metrics(),
             }
             history.append({"step": step, **metrics})
             if callback is not None:

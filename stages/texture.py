@@ -304,11 +304,9 @@ def optimise_texture(
         step += 1
         metrics = {
             "loss": float(guided.loss.detach()),
-            "grad_norm": guided.grad_norm,
-            "t": float(guided.timesteps.float().mean()),
             "coverage": float(out.opacity.detach().mean()),
             "step_time": time.perf_counter() - step_start,
-            **{f"norm_{k}": v for k, v in guided.component_norms.items()},
+            **guided.metrics(),
         }
         history.append({"step": step, **metrics})
         if callback is not None:
