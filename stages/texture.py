@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from csd.cameras import CameraConfig, orbit_cameras, sample_cameras
 from csd.guidance import ScoreDistillation, guidance_config
@@ -36,6 +35,7 @@ from csd.raster import MESH_SHADING_MODES, MeshRenderer, MeshRendererConfig, uv_
 from stages.assets import TexturedMesh, read_textured_mesh, write_textured_mesh
 from stages.common import StageResult, StageWorkspace, StepCallback, Timer, TrainingCheckpoint, write_previews
 from stages.config import dump_yaml
+from stages.progress import StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def optimise_texture(
 
     timer = Timer()
     resumed_at = step
-    progress = tqdm(total=config.steps, initial=step, desc=f"{stage} {prompts.prompt[:30]}", disable=None, mininterval=2)
+    progress = StepProgress(config.steps, step, f"{stage} {prompts.prompt[:30]}", log)
     while step < config.steps:
         step_start = time.perf_counter()
         cameras = sample_cameras(config.batch_size, config.cameras, generator, step).to(device)
@@ -311,7 +311,7 @@ def optimise_texture(
         history.append({"step": step, **metrics})
         if callback is not None:
             callback(step, metrics)
-        progress.update(1)
+        progress.update(metrics)
         if step % config.checkpoint_every == 0 and step < config.steps:
             save_checkpoint()
     progress.close()
