@@ -228,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     # the temporary Prefect server (no PREFECT_API_URL) migrates a fresh database first: on a small,
     # busy machine that takes longer than Prefect's default 20 s
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # offline machines: the servers' phone-home services only print name-resolution errors (and the
+    # temporary Prefect server's telemetry heartbeat races the flow for its SQLite database)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # one line per Prefect API call

@@ -117,6 +117,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# MLflow 3's UI opens an experiment on the page its kind names; without it, on the GenAI traces overview
+# (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT = "custom_model_development" → the runs table)
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client, name: str | None, artifact_location: str | None) -> str:
     """The id of experiment `name`, created (with `artifact_location`) when it does not exist."""
     from mlflow.exceptions import MlflowException
@@ -124,10 +129,13 @@ def _experiment_id(client, name: str | None, artifact_location: str | None) -> s
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
         except MlflowException:
             # another batch or worker created it first
             experiment = client.get_experiment_by_name(name)
+    if any(experiment.tags.get(key) != value for key, value in EXPERIMENT_TAGS.items()):
+        for key, value in EXPERIMENT_TAGS.items():  # an experiment made before the tag existed
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 

@@ -74,6 +74,9 @@ def test_a_failed_stage_fails_the_batch_but_not_the_other_asset(faulty_batch):
 
 def test_mlflow_holds_batch_asset_stage_runs_with_params_metrics_and_previews(faulty_batch):
     client = MlflowClient(f"sqlite:///{faulty_batch['out'] / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name != "Default"]
+    # what MLflow 3's UI reads to open the experiment on its runs table, not the GenAI traces page
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = _runs(client)
     (batch,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assets = {r.data.tags["asset_id"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == batch.info.run_id}

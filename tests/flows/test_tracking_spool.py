@@ -103,6 +103,7 @@ def test_runs_spooled_while_the_server_is_down_are_replayed_with_parents_params_
     runs = _runs(client, "spooled")
     assert report.runs == {batch: runs["batch"].info.run_id, stage: runs["nerf"].info.run_id}
     assert json.loads((spool / RUN_IDS).read_text()) == report.runs
+    assert client.get_experiment_by_name("spooled").tags["mlflow.experimentKind"] == "custom_model_development"
     nerf = runs["nerf"]
     assert nerf.data.tags["mlflow.parentRunId"] == runs["batch"].info.run_id
     assert nerf.data.tags["stage"] == "nerf" and runs["batch"].data.tags["catalog"] == "demo.csv"
