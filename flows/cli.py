@@ -100,6 +100,11 @@ def status(args: argparse.Namespace) -> int:
     from flows.pipeline import stage_states
 
     _print_status(args.out)
+    if args.sheet:
+        from flows.sheet import write_sheet
+
+        entries = write_sheet(args.out, args.sheet)
+        print(f"contact sheet of {len(entries)} assets: {args.sheet}")
     return 1 if any("failed" in stages.values() for stages in stage_states(args.out).values()) else 0
 
 
@@ -212,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = sub.add_parser("status", help="assets x stages under an output root: done / failed / missing")
     command.add_argument("--out", default="out", help=OUT_HELP)
+    command.add_argument("--sheet", type=Path, metavar="FILE", help="also write the batch contact sheet (PNG) there")
     command.set_defaults(func=status)
 
     command = sub.add_parser("validate", help="check a catalog and report every problem; runs nothing")

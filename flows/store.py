@@ -115,16 +115,20 @@ class Store:
 
     # ---- small records (asset.json, batch hand-over) ----
 
-    def read_text(self, rel: str) -> str | None:
+    def read_bytes(self, rel: str) -> bytes | None:
         if self.remote is None:
             try:
-                return (self.local / rel).read_text()
+                return (self.local / rel).read_bytes()
             except FileNotFoundError:
                 return None
         try:
-            return self.fs.cat_file(self._key(rel)).decode()
+            return self.fs.cat_file(self._key(rel))
         except FileNotFoundError:
             return None
+
+    def read_text(self, rel: str) -> str | None:
+        data = self.read_bytes(rel)
+        return None if data is None else data.decode()
 
     def write_text(self, rel: str, text: str) -> None:
         """Write whole: atomic rename locally, one PUT remotely (the working copy keeps a copy)."""

@@ -109,6 +109,27 @@ def test_mlflow_holds_batch_asset_stage_runs_with_params_metrics_and_previews(fa
         assert client.list_artifacts(red[name].info.run_id, "previews"), f"{name} has rendered previews"
 
 
+def test_status_writes_a_contact_sheet_with_the_failed_asset_framed_red(faulty_batch, capsys):
+    import imageio.v3 as iio
+
+    from flows.sheet import LABEL_HEIGHT, TILE, sheet_entries
+
+    sheet_path = faulty_batch["root"] / "sheet.png"
+    assert main(["status", "--out", str(faulty_batch["out"]), "--sheet", str(sheet_path)]) == 1, "a stage failed"
+    assert f"contact sheet of 2 assets: {sheet_path}" in capsys.readouterr().out
+    sheet = iio.imread(sheet_path)
+    width, height = TILE
+    assert sheet.shape == (height + LABEL_HEIGHT, 2 * width, 3)
+    green, red = sheet[:, :width], sheet[:, width:]  # sorted by asset id: green-box, red-cube
+    assert (green[:, :3] == (200, 30, 30)).all(), "failed green-box framed in red"
+    assert not (red[:, :3] == (200, 30, 30)).all(axis=-1).any()
+    preview = red[:height, 4:-4]
+    assert (preview < 250).any(axis=-1).mean() > 0.05, "red-cube's export preview is drawn"
+    entries = {entry.asset_id: entry for entry in sheet_entries(faulty_batch["out"])}
+    assert (entries["green-box"].state, entries["green-box"].failed) == ("failed at uv", True)
+    assert (entries["red-cube"].state, entries["red-cube"].failed) == ("done", False)
+
+
 def test_running_again_recomputes_only_the_failed_stage_and_later_then_rerun_forces_one(faulty_batch, capsys):
     out = faulty_batch["out"]
     before = _commit_times(out)
