@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -242,6 +243,12 @@ def extract_isosurface(field: ImplicitField, config: ExtractionConfig, device: s
     )
 
 
+PYMESHLAB_LOCK = threading.Lock()
+"""pymeshlab is not thread-safe: two assets cleaning meshes in threads of one process (`--parallel 2`)
+crashed with a segmentation fault in `meshing_decimation_quadric_edge_collapse`. Every pymeshlab use
+holds this lock; processes are unaffected."""
+
+
 def _meshset(vertices: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarray | None):
     import pymeshlab
 
@@ -264,9 +271,14 @@ def clean_mesh(
     """pymeshlab clean-up. `remesh=False` (a user's mesh) keeps its triangulation and its small parts: only
     duplicated/unreferenced vertices, degenerate faces and orientation are fixed, and decimation runs
     only above `target_faces`. `vertex_colors` `(V, 4)` in [0, 1] are carried through."""
+    validate_cleanup(config)
+    with PYMESHLAB_LOCK:
+        return _clean_mesh(vertices, faces, config, remesh, vertex_colors)
+
+
+def _clean_mesh(vertices: np.ndarray, faces: np.ndarray, config: CleanupConfig, remesh: bool, vertex_colors: np.ndarray | None) -> CleanMesh:
     import pymeshlab
 
-    validate_cleanup(config)
     timings: dict[str, float] = {}
     mesh_set = _meshset(vertices, faces, vertex_colors)
 

@@ -195,3 +195,21 @@ def test_normalize_to_sphere_is_the_documented_transform():
 def test_unknown_threshold_name_raises_naming_it():
     with pytest.raises(ValueError, match="'max'"):
         extract_isosurface(ball(0.4), ExtractionConfig(threshold="max"))
+
+
+def test_clean_mesh_in_parallel_threads_matches_serial():
+    """Two assets cleaning meshes at once (`--parallel 2` runs assets in threads): pymeshlab is not
+    thread-safe and crashed the process without the module's lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import trimesh
+
+    from csd.mesh import CleanupConfig, clean_mesh
+
+    sphere = trimesh.creation.icosphere(subdivisions=5)
+    config = CleanupConfig(target_faces=1500, remesh_iterations=1)
+    serial = clean_mesh(np.asarray(sphere.vertices), np.asarray(sphere.faces), config)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: clean_mesh(np.asarray(sphere.vertices), np.asarray(sphere.faces), config), range(8)))
+    for result in results:
+        assert np.array_equal(result.faces, serial.faces) and np.allclose(result.vertices, serial.vertices)
