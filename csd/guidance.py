@@ -28,6 +28,10 @@ from csd.prompts import PromptEmbeddings
 from csd.schedules import Schedule, schedule_value, validate_schedule
 
 WEIGHTINGS = ("uniform", "sds")
+GRAD_NORMALIZATIONS = ("none", "sample", "batch")
+"""`batch`: g / (‖g‖₂ of the whole batch tensor + 1e-8), as the official code
+(threestudio/models/guidance/deep_floyd_simple_guidance.py:262-263); `sample`: each sample's g by
+its own norm (our earlier form, kept for the toy preset); `none`."""
 """`uniform`: w(t) = 1 (official csd-if); `sds`: w(t) = 1 − ᾱ_t (DreamFusion, official SD refine)."""
 
 
@@ -49,10 +53,12 @@ class GuidanceConfig:
     """t_max as a fraction of the training timesteps."""
     weighting: str = "uniform"
     """w(t): `uniform` or `sds` (1 − ᾱ_t)."""
-    grad_normalize: bool = False
-    """Divide each sample's g by its L2 norm (official csd-if)."""
+    grad_normalize: bool | str = False
+    """`none`/False, `sample`/True (each sample's g by its own norm) or `batch` (the whole batch
+    tensor's norm, official csd-if: deep_floyd_simple_guidance.py:262-263)."""
     grad_clip: Schedule | None = None
-    """Clamp g elementwise to ±value when set."""
+    """Clamp g elementwise to ±value when set; applied before normalisation as the official code
+    does (deep_floyd_simple_guidance.py:260-261)."""
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
@@ -61,6 +67,17 @@ class GuidanceConfig:
             value = getattr(self, f.name)
             if f.name not in ("weighting", "grad_normalize") and value is not None:
                 validate_schedule(value, f.name)
+        if self.normalization not in GRAD_NORMALIZATIONS:
+            raise ValueError(f"unknown grad_normalize {self.grad_normalize!r}; valid: true, false, {', '.join(GRAD_NORMALIZATIONS)}")
+
+    @property
+    def normalization(self) -> str:
+        """`grad_normalize` as one of GRAD_NORMALIZATIONS (True means `sample`, False `none`)."""
+        if self.grad_normalize is True:
+            return "sample"
+        if self.grad_normalize is False or self.grad_normalize is None:
+            return "none"
+        return str(self.grad_normalize)
 
     def at(self, step: int) -> dict[str, float]:
         """Coefficients and timestep bounds at `step`."""
@@ -73,17 +90,18 @@ class GuidanceConfig:
 GUIDANCE_PRESETS: dict[str, dict[str, Any]] = {
     # the classifier score alone (paper eq. 7)
     "csd": dict(prompt_scale=1.0, negative_scale=0.0, null_scale=-1.0, noise_scale=0.0, grad_normalize=True),
-    # official csd-if.yaml (NeRF stage): null_scale [0, -1, 0, 5000], negative_scale [0, 0, -1, 5000],
-    # uniform weighting, normalised gradient, t_max 0.98 -> 0.5 at step 5000
+    # official configs/csd-if.yaml:79-85 (NeRF stage): null_scale [0, -1, 0, 5000], negative_scale
+    # [0, 0, -1, 5000], uniform weighting, t_max a step 0.98 -> 0.5 at 5000 ([5000, 0.98, 0.5, 5001]);
+    # the whole batch tensor normalised (deep_floyd_simple_guidance.py:32,262-263)
     "csd-annealed-negative": dict(
         prompt_scale=1.0,
         negative_scale=[0, 0.0, -1.0, 5000],
         null_scale=[0, -1.0, 0.0, 5000],
         noise_scale=0.0,
         min_step_percent=0.02,
-        max_step_percent=[0, 0.98, 0.5, 5000],
+        max_step_percent=[5000, 0.98, 0.5, 5001],
         weighting="uniform",
-        grad_normalize=True,
+        grad_normalize="batch",
     ),
     # official csd-sd-refine.yaml: negative_scale [0, -1, -0.5, 10000], null_scale [0, 0, -0.5, 10000],
     # w(t) = 1 - alphas_cumprod, t in [0.02, 0.5]
@@ -142,8 +160,9 @@ class ScoreDistillation:
         c = self.config.at(step)
         batch = z.shape[0]
         T = self.prior.num_train_timesteps
-        t_min = int(round(c["min_step_percent"] * T))
-        t_max = max(t_min, int(round(c["max_step_percent"] * T)))
+        # floor, as set_min_max_steps (deep_floyd_simple_guidance.py:120-122)
+        t_min = int(c["min_step_percent"] * T)
+        t_max = max(t_min, int(c["max_step_percent"] * T))
         t = torch.randint(t_min, t_max + 1, (batch,), generator=generator).clamp(max=T - 1).to(z.device)
         noise = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device, z.dtype)
 
@@ -172,12 +191,16 @@ class ScoreDistillation:
                 norms["noise"] = float(_per_sample_norm(c["noise_scale"] * noise.float()).mean())
             if self.config.weighting == "sds":
                 g = g * (1 - alphas_cumprod.float())
+            # official order: nan_to_num, clip, normalise (deep_floyd_simple_guidance.py:258-263)
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
             grad_norm = float(_per_sample_norm(g).mean())
-            if self.config.grad_normalize:
-                g = g / _per_sample_norm(g).clamp(min=1e-8)
             if c["grad_clip"] is not None:
                 g = g.clamp(-c["grad_clip"], c["grad_clip"])
+            mode = self.config.normalization
+            if mode == "sample":
+                g = g / _per_sample_norm(g).clamp(min=1e-8)
+            elif mode == "batch":
+                g = g / (g.norm(2) + 1e-8)
 
         target = (z - g.to(z.dtype)).detach()
         loss = 0.5 * ((z.float() - target.float()) ** 2).sum() / batch

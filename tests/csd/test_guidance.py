@@ -40,7 +40,8 @@ def _expected_gradient(prior, config, z, step, seed):
     c = config.at(step)
     generator = torch.Generator().manual_seed(seed)
     T = prior.num_train_timesteps
-    t_min, t_max = round(c["min_step_percent"] * T), round(c["max_step_percent"] * T)
+    # floor, as the official set_min_max_steps (deep_floyd_simple_guidance.py:120-122)
+    t_min, t_max = int(c["min_step_percent"] * T), int(c["max_step_percent"] * T)
     t = torch.randint(t_min, max(t_min, t_max) + 1, (z.shape[0],), generator=generator).clamp(max=T - 1)
     noise = torch.randn(z.shape, generator=generator)
     ac = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -51,8 +52,12 @@ def _expected_gradient(prior, config, z, step, seed):
         g = g + c["negative_scale"] * eps(NEGATIVE)
     if config.weighting == "sds":
         g = g * (1 - ac)
-    if config.grad_normalize:
+    if c["grad_clip"] is not None:
+        g = g.clamp(-c["grad_clip"], c["grad_clip"])
+    if config.grad_normalize is True or config.grad_normalize == "sample":
         g = g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    elif config.grad_normalize == "batch":
+        g = g / (torch.sqrt((g**2).sum()) + 1e-8)
     return g, t
 
 
@@ -83,11 +88,44 @@ def test_zero_coefficients_skip_branches_and_csd_has_no_noise_term():
     assert prior.batch_sizes == (4,)  # prompt + negative, null dropped at the end of the anneal
 
 
-def test_timesteps_follow_the_tmax_schedule():
+def test_tmax_is_a_step_at_5000():
+    # configs/csd-if.yaml:81 max_step_percent [5000, 0.98, 0.5, 5001]: threestudio C() is linear
+    # between the integer steps 5000 and 5001, so t_max is 0.98 up to step 5000 and 0.5 from 5001
     prior = FakePrior(torch.linspace(0.999, 0.01, 1000))
     sd = ScoreDistillation(prior, guidance_config("csd-annealed-negative"))
-    late = sd(torch.randn(64, 4, 2, 2, requires_grad=True), _embeddings(64), 5000, torch.Generator().manual_seed(0))
-    assert int(late.timesteps.max()) <= 500 and int(late.timesteps.min()) >= 20
+    for step, t_max in ((0, 980), (5000, 980), (5001, 500), (9999, 500)):
+        out = sd(torch.randn(512, 4, 2, 2, requires_grad=True), _embeddings(512), step, torch.Generator().manual_seed(0))
+        assert out.coefficients["max_step_percent"] == pytest.approx(t_max / 1000)
+        assert int(out.timesteps.min()) >= 20 and int(out.timesteps.max()) <= t_max
+        assert int(out.timesteps.max()) > t_max - 40, "t_max must be reached, not a smaller bound"
+
+
+def test_batch_normalisation_divides_by_the_whole_tensor_norm():
+    # deep_floyd_simple_guidance.py:262-263: grad / (grad.norm(2) + 1e-8) over the whole (B, C, H, W)
+    prior = FakePrior(torch.linspace(0.999, 0.01, 1000))
+    z = torch.randn(4, 3, 8, 8, requires_grad=True)
+    # per-sample prompt constants: g_i = k·(p_i − NULL) = 0.3·(1, 10, 100, 1000)
+    prompt = (NULL + torch.tensor([1.0, 10.0, 100.0, 1000.0])).view(4, 1, 1).expand(4, 4, 8)
+    embeddings = PromptEmbeddings(prompt, None, torch.full((4, 4, 8), NULL))
+    ScoreDistillation(prior, GuidanceConfig(grad_normalize="batch"))(z, embeddings, 0, torch.Generator().manual_seed(3)).loss.backward()
+    g = z.grad * 4  # d loss / d z_i = g_i / B
+    assert float(g.norm()) == pytest.approx(1.0, abs=1e-5)
+    # whole-tensor norm of 0.3·(1, 10, 100, 1000) over 192 values per sample, by hand
+    whole = 0.3 * (192 * (1 + 100 + 10_000 + 1_000_000)) ** 0.5
+    torch.testing.assert_close(g[:, 0, 0, 0], 0.3 * torch.tensor([1.0, 10.0, 100.0, 1000.0]) / whole, rtol=1e-4, atol=1e-7)
+    z.grad = None
+    ScoreDistillation(prior, GuidanceConfig(grad_normalize="sample"))(z, embeddings, 0, torch.Generator().manual_seed(3)).loss.backward()
+    torch.testing.assert_close((z.grad * 4).flatten(1).norm(dim=1), torch.ones(4), atol=1e-5, rtol=0)
+
+
+def test_clip_comes_before_normalisation():
+    # deep_floyd_simple_guidance.py:258-263: nan_to_num, clamp, then normalise: the result has norm 1
+    prior = FakePrior(torch.linspace(0.999, 0.01, 1000), k=50.0)
+    z = torch.randn(2, 4, 8, 8, requires_grad=True)
+    ScoreDistillation(prior, GuidanceConfig(grad_clip=0.05, grad_normalize="batch"))(z, _embeddings(2), 0).loss.backward()
+    assert float((z.grad * 2).norm()) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="batch"):
+        GuidanceConfig(grad_normalize="whole")
 
 
 def test_sds_preset_is_cfg_minus_noise():
