@@ -52,6 +52,9 @@ class NerfConfig:
     """Overrides of the guidance preset's fields (e.g. {prompt_scale: 7.5})."""
     view_dependent: bool = True
     """Append ", front view" etc. to the prompt by camera."""
+    perp_neg: bool = False
+    """Perp-Neg view embeddings (official csd-if: use_perp_neg, configs/csd-if.yaml:72); its weight is
+    the guidance field `perp_neg_scale` (csd-if.yaml:86: 3)."""
     view_thresholds: ViewThresholds = ViewThresholds()
     """Azimuth/elevation thresholds of the view suffixes (official csd-if: front 30, back 30)."""
     field: FieldConfig = FieldConfig()
@@ -93,6 +96,8 @@ def validate(config: NerfConfig) -> None:
     if config.steps < 1 or config.batch_size < 1:
         raise ValueError(f"nerf: steps and batch_size must be >= 1 (got {config.steps}, {config.batch_size})")
     guidance_config(config.method, **config.guidance)
+    if config.perp_neg and not config.view_dependent:
+        raise ValueError("nerf: perp_neg needs view_dependent: true")
 
 
 @torch.no_grad()
@@ -127,7 +132,8 @@ def run(
         generator = torch.Generator().manual_seed(config.seed)
         rng = random.Random(config.seed)
         prompts = PromptProcessor(
-            prior, config.prompt, config.negative_prompt, view_dependent=config.view_dependent, thresholds=config.view_thresholds
+            prior, config.prompt, config.negative_prompt, view_dependent=config.view_dependent, thresholds=config.view_thresholds,
+            perp_neg=config.perp_neg,
         )
         guidance = ScoreDistillation(prior, guidance_config(config.method, **config.guidance))
         history: list[dict[str, float]] = []

@@ -1,5 +1,6 @@
 """The guidance formula against a fake noise predictor whose output per prompt is known."""
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -155,3 +156,128 @@ def test_unknown_names_raise_with_valid_list():
         guidance_config("csd-typo")
     with pytest.raises(ValueError, match="uniform"):
         GuidanceConfig(weighting="linear")
+
+
+# --- Perp-Neg (threestudio/models/prompt_processors/base.py get_text_embeddings_perp_neg,
+#     deep_floyd_simple_guidance.py:168-206,253-254) ---
+
+
+class TextPrior(FakePrior):
+    """Texts → fixed random (2, 16) embeddings; ε(z_t, e) = e[:, 0] as a (4, 2, 2) image + 0.01·z_t,
+    so different prompts give non-parallel ε and the perpendicular parts are not trivially zero."""
+
+    identity = "text-prior"
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def encode_text(self, texts):
+        out = []
+        for text in texts:
+            g = torch.Generator().manual_seed(sum(ord(ch) * (i + 1) for i, ch in enumerate(text)) % (2**31))
+            out.append(torch.randn(2, 16, generator=g))
+        return torch.stack(out)
+
+    def predict_noise(self, z_t, t, embeddings):
+        self.calls += 1
+        self.batch_sizes += (z_t.shape[0],)
+        return embeddings[:, 0].reshape(z_t.shape) + 0.01 * z_t
+
+
+def _perp(x, y):
+    """x minus its projection on y, with explicit flat dot products."""
+    x, y = x.flatten(), y.flatten()
+    return (x - (x @ y) / max(float(y @ y), 1e-6) * y).view(4, 2, 2)
+
+
+def _expected_perp_neg(prior, prompt, negative, elevation, azimuth, scale):
+    """g per camera from the documented formula, sample by sample in plain Python."""
+    from csd.prompts import view_prompt
+
+    emb = lambda text: prior.encode_text([text])[0]  # noqa: E731
+    eps = lambda e: e[0].view(4, 2, 2)  # noqa: E731 (the 0.01·z_t terms cancel in every difference below)
+    front, side, back, overhead = (emb(view_prompt(prompt, v)) for v in ("front", "side", "back", "overhead"))
+    uncond, null = emb(negative), emb("")
+    f = lambda a, b, c, r: a * math.exp(-b * r) + c  # noqa: E731
+    rows = []
+    for el, az in zip(elevation, azimuth):
+        a = abs((az + 180) % 360 - 180)
+        if el > 60:
+            pos, negs, weights = overhead, [], []
+        elif a < 90:
+            r = 1 - a / 90
+            pos, negs, weights = r * front + (1 - r) * side, [front, side], [-f(4, 0.5, -2.426, r), -f(4, 0.5, -2.426, 1 - r)]
+        else:
+            r = 2 - a / 90
+            pos, negs, weights = r * side + (1 - r) * back, [side, front], [-f(1, 0.5, -0.606, r), -f(1, 0.5, 0.967, r)]
+        e_pos = eps(pos) - eps(uncond)
+        g = eps(pos) - eps(null)  # csd-if.yaml at step 0: cond 1, uncond 0, null -1
+        for w, n in zip(weights, negs):
+            g = g + scale * w * _perp(eps(n) - eps(uncond), e_pos)
+        rows.append(g)
+    return torch.stack(rows)
+
+
+def _perp_neg_run(tmp_path, elevation, azimuth, normalize="none"):
+    from csd.prompts import PromptProcessor, TextEmbeddingCache, ViewThresholds
+
+    prior = TextPrior(torch.linspace(0.999, 0.01, 1000))
+    processor = PromptProcessor(prior, "a corgi", "ugly", thresholds=ViewThresholds(front=30, back=30),
+                                cache=TextEmbeddingCache(prior, tmp_path), perp_neg=True)
+    elevation, azimuth = torch.tensor(elevation), torch.tensor(azimuth)
+    embeddings = processor(elevation, azimuth)
+    config = guidance_config("csd-annealed-negative", perp_neg_scale=3.0, grad_normalize=normalize)
+    z = torch.randn(len(elevation), 4, 2, 2, requires_grad=True)
+    prior.calls, prior.batch_sizes = 0, ()
+    ScoreDistillation(prior, config)(z, embeddings, 0, torch.Generator().manual_seed(0)).loss.backward()
+    return prior, embeddings, z.grad * len(elevation)
+
+
+def test_perp_neg_matches_an_independent_recomputation(tmp_path):
+    elevation = [0.0, 10.0, 0.0, 20.0, 0.0, 70.0, -5.0]
+    azimuth = [0.0, 45.0, 90.0, 135.0, 180.0, -60.0, -120.0]
+    prior, _, g = _perp_neg_run(tmp_path, elevation, azimuth)
+    expected = _expected_perp_neg(prior, "a corgi", "ugly", elevation, azimuth, 3.0)
+    torch.testing.assert_close(g, expected, atol=1e-5, rtol=1e-5)
+    without = _expected_perp_neg(prior, "a corgi", "ugly", elevation, azimuth, 0.0)
+    term = (expected - without).flatten(1).norm(dim=1)
+    assert term[[0, 2, 3, 4, 6]].min() > 0.1, "the Perp-Neg term must matter here"
+    # at 45° the two equal weights cancel: (F − u) + (S − u) = 2(P − u) has no perpendicular part;
+    # overhead has no negatives
+    assert term[1] < 1e-4 and term[5] == 0
+    # prompt, negative ("uncond", needed even at coefficient 0), null, two view negatives: one call
+    assert prior.calls == 1 and prior.batch_sizes == (5 * 7,)
+    _, _, g_batch = _perp_neg_run(tmp_path, elevation, azimuth, normalize="batch")
+    torch.testing.assert_close(g_batch, expected / expected.norm(), atol=1e-6, rtol=1e-5)
+
+
+def test_perp_neg_side_and_overhead_views_by_hand(tmp_path):
+    prior, embeddings, g = _perp_neg_run(tmp_path, [0.0, 75.0], [90.0, 90.0])
+    # side (azimuth 90): the side→back branch with r = 1: weights −(e^−0.5 − 0.606), −(e^−0.5 + 0.967)
+    e = math.exp(-0.5)
+    torch.testing.assert_close(embeddings.perp_neg_weights[0], torch.tensor([-(e - 0.606), -(e + 0.967)]))
+    side, front = (prior.encode_text([f"a corgi, {v} view"])[0] for v in ("side", "front"))
+    torch.testing.assert_close(embeddings.prompt[0], side)
+    torch.testing.assert_close(embeddings.perp_neg[0, 0], side)
+    torch.testing.assert_close(embeddings.perp_neg[0, 1], front)
+    eps = lambda e_: e_[0].view(4, 2, 2)  # noqa: E731
+    ugly, null = prior.encode_text(["ugly"])[0], prior.encode_text([""])[0]
+    # the side negative is the positive itself: no perpendicular part; only the front one pushes
+    by_hand = eps(side) - eps(null) + 3.0 * -(e + 0.967) * _perp(eps(front) - eps(ugly), eps(side) - eps(ugly))
+    torch.testing.assert_close(g[0], by_hand, atol=1e-5, rtol=1e-5)
+    # overhead (elevation 75 > 60): the overhead prompt, no negatives
+    overhead = prior.encode_text(["a corgi, overhead view"])[0]
+    torch.testing.assert_close(embeddings.prompt[1], overhead)
+    assert embeddings.perp_neg_weights[1].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(g[1], eps(overhead) - eps(null), atol=1e-5, rtol=1e-5)
+
+
+def test_perp_neg_off_keeps_plain_view_prompts(tmp_path):
+    from csd.prompts import PromptProcessor, TextEmbeddingCache
+
+    prior = TextPrior(torch.linspace(0.999, 0.01, 1000))
+    processor = PromptProcessor(prior, "a corgi", "ugly", cache=TextEmbeddingCache(prior, tmp_path))
+    embeddings = processor(torch.tensor([0.0]), torch.tensor([45.0]))
+    assert embeddings.perp_neg is None
+    torch.testing.assert_close(embeddings.prompt[0], prior.encode_text(["a corgi, side view"])[0])
+    with pytest.raises(ValueError, match="view_dependent"):
+        PromptProcessor(prior, "a corgi", view_dependent=False, cache=TextEmbeddingCache(prior, tmp_path), perp_neg=True)

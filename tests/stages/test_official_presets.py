@@ -31,6 +31,8 @@ CHARACTER = [  # configs/csd-if.yaml, nerf stage
     ("nerf.guidance.grad_normalize", "batch", "deep_floyd_simple_guidance.py:32,262-263"),
     ("nerf.guidance.grad_clip", None, "deep_floyd_simple_guidance.py:29-31"),
     ("nerf.negative_prompt", NEG, "csd-if.yaml:71"),
+    ("nerf.perp_neg", True, "csd-if.yaml:72 use_perp_neg"),
+    ("nerf.guidance.perp_neg_scale", 3.0, "csd-if.yaml:86 perpneg_scale"),
     ("nerf.view_dependent", True, "deep_floyd_simple_guidance.py:40"),
     ("nerf.view_thresholds.front", 30.0, "csd-if.yaml:73"),
     ("nerf.view_thresholds.back", 30.0, "csd-if.yaml:74"),
@@ -106,6 +108,8 @@ OBJECT_CHANGES = {
     "nerf.field.n_levels": (16, "csd-if-object.yaml:39"),
     "nerf.field.max_resolution": (2048, "csd-if-object.yaml:43 per_level_scale 1.3819128800"),
     "nerf.ambient_only_steps": (2001, "csd-if-object.yaml:47"),
+    "nerf.perp_neg": (False, "csd-if-object.yaml:72"),
+    "nerf.guidance.perp_neg_scale": (0.0, "csd-if-object.yaml:77-86 (no perpneg_scale; default 0, deep_floyd_simple_guidance.py:49)"),
     "nerf.lambda_orientation": ([5000, 1.0, 20.0, 5001], "csd-if-object.yaml:96"),
     "nerf.lambda_sparsity": (1.0, "csd-if-object.yaml:98"),
     # the code wins over ../shared/OFFICIAL.md (which says 45°): csd-if-object.yaml:73-74 keep 30
