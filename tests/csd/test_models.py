@@ -121,3 +121,15 @@ def test_scheduler_prediction_type_is_read_at_load(if_like_model, tmp_path):
     config_file.write_text(json.dumps({**config, "prediction_type": "sample"}))
     with pytest.raises(ValueError, match="prediction_type 'sample'"):
         load_prior(ModelConfig(model=str(copy)))
+
+
+@pytest.mark.parametrize("fixture", ["sd_like_model", "if_like_model"])
+def test_perp_neg_guides_latent_and_pixel_priors(fixture, request, tmp_path):
+    prior = load_prior(ModelConfig(model=str(request.getfixturevalue(fixture))))
+    processor = PromptProcessor(prior, "a red cube", "blurry", cache=TextEmbeddingCache(prior, tmp_path), perp_neg=True)
+    image = torch.rand(3, 3, 32, 32, requires_grad=True)
+    embeddings = processor(torch.tensor([0.0, 10.0, 70.0]), torch.tensor([30.0, 150.0, 0.0]))
+    assert embeddings.perp_neg.shape[:2] == (3, 2) and embeddings.perp_neg_weights[2].tolist() == [0.0, 0.0]
+    out = ScoreDistillation(prior, guidance_config("csd-annealed-negative", perp_neg_scale=3.0))(prior.encode_images(image), embeddings, step=0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and image.grad.abs().sum() > 0 and out.component_norms["perp_neg"] > 0
