@@ -12,6 +12,9 @@ import torch
 from torch import Tensor
 
 
+ELEVATION_SAMPLINGS = ("uniform", "mixed")
+
+
 @dataclass(frozen=True)
 class CameraConfig:
     """Ranges of the random camera sampler (official csd-if.yaml / threestudio `random-camera`)."""
@@ -26,12 +29,27 @@ class CameraConfig:
     """Azimuth in degrees; 0 is the front (+x)."""
     batch_uniform_azimuth: bool = True
     """Spread a batch's azimuths evenly (one stratum per camera) instead of i.i.d."""
+    elevation_sampling: str = "uniform"
+    """`uniform`: uniform in degrees; `mixed`: per batch, with probability ½ uniform in degrees, else
+    uniform on the sphere (inverse-CDF of sin), as threestudio/data/uncond.py:153-177."""
     light_distance_range: tuple[float, float] = (0.8, 1.5)
-    """Point light distance, as a factor of the camera distance (threestudio `light_distance_range`)."""
+    """Point light distance: world units when `light_distance_relative` is false (official
+    uncond.py:257-273), else a factor of the camera distance (our earlier form)."""
+    light_distance_relative: bool = True
     light_position_perturb: float = 1.0
-    """Std of the random offset of the light direction from the camera direction."""
+    """Std of the N(0, σ) offset of the light direction from the camera position (uncond.py:265-269)."""
     front_back_warmup_steps: int = 0
-    """For the first N steps sample only front (|az| < 45°) or back (|az| > 135°) views."""
+    """For the first N steps sample only azimuths within ±`front_back_halfwidth` of the front or the
+    back, each with probability ½ (official `front_back_only_iters`, uncond.py:117,192-196)."""
+    front_back_halfwidth: float = 30.0
+    """Half-width in degrees of the warm-up's front and back sectors (official: 30)."""
+
+    def __post_init__(self):
+        if self.elevation_sampling not in ELEVATION_SAMPLINGS:
+            raise ValueError(f"unknown elevation_sampling {self.elevation_sampling!r}; valid: {', '.join(ELEVATION_SAMPLINGS)}")
+        if self.batch_uniform_azimuth and self.front_back_warmup_steps > 0:
+            # the official sampler asserts the same (uncond.py:181-182)
+            raise ValueError("front_back_warmup_steps needs batch_uniform_azimuth: false (the two azimuth samplers exclude each other)")
 
 
 @dataclass
@@ -105,20 +123,29 @@ def sample_cameras(n: int, config: CameraConfig = CameraConfig(), generator: tor
     if config.batch_uniform_azimuth:
         low, high = config.azimuth_range
         azimuth = low + (high - low) * (torch.rand(n, generator=generator) + torch.arange(n)) / n
+    elif step < config.front_back_warmup_steps:
+        front = torch.rand(n, generator=generator) < 0.5
+        w = config.front_back_halfwidth
+        offset = -w + 2 * w * torch.rand(n, generator=generator)
+        azimuth = torch.where(front, offset, 180.0 + offset)
+        azimuth = (azimuth + 180.0) % 360.0 - 180.0
     else:
         azimuth = _uniform(n, config.azimuth_range, generator)
-    if step < config.front_back_warmup_steps:
-        # threestudio's front/back warm-up: azimuth folded into [-45, 45] or its opposite.
-        azimuth = torch.where(torch.rand(n, generator=generator) < 0.5, azimuth / 4.0, 180.0 + azimuth / 4.0)
-        azimuth = (azimuth + 180.0) % 360.0 - 180.0
-    elevation = _uniform(n, config.elevation_range, generator)
+    if config.elevation_sampling == "mixed" and float(torch.rand(1, generator=generator)) >= 0.5:
+        # uniform on the sphere between the two elevations: sin(elevation) uniform
+        low, high = ((e + 90.0) / 180.0 for e in config.elevation_range)
+        elevation = torch.rad2deg(torch.asin(2 * (low + (high - low) * torch.rand(n, generator=generator)) - 1))
+    else:
+        elevation = _uniform(n, config.elevation_range, generator)
     distance = _uniform(n, config.distance_range, generator)
     fovy = _uniform(n, config.fovy_range, generator)
     position = spherical_to_cartesian(elevation, azimuth, distance)
     light_direction = torch.nn.functional.normalize(
         position + config.light_position_perturb * torch.randn(n, 3, generator=generator), dim=-1
     )
-    light_distance = _uniform(n, config.light_distance_range, generator) * distance
+    light_distance = _uniform(n, config.light_distance_range, generator)
+    if config.light_distance_relative:
+        light_distance = light_distance * distance
     return Cameras(look_at(position), fovy, elevation, azimuth, distance, light_direction * light_distance[:, None])
 
 

@@ -28,6 +28,10 @@ from csd.prompts import PromptEmbeddings
 from csd.schedules import Schedule, schedule_value, validate_schedule
 
 WEIGHTINGS = ("uniform", "sds")
+GRAD_NORMALIZATIONS = ("none", "sample", "batch")
+"""`batch`: g / (‖g‖₂ of the whole batch tensor + 1e-8), as the official code
+(threestudio/models/guidance/deep_floyd_simple_guidance.py:262-263); `sample`: each sample's g by
+its own norm (our earlier form, kept for the toy preset); `none`."""
 """`uniform`: w(t) = 1 (official csd-if); `sds`: w(t) = 1 − ᾱ_t (DreamFusion, official SD refine)."""
 
 
@@ -49,10 +53,16 @@ class GuidanceConfig:
     """t_max as a fraction of the training timesteps."""
     weighting: str = "uniform"
     """w(t): `uniform` or `sds` (1 − ᾱ_t)."""
-    grad_normalize: bool = False
-    """Divide each sample's g by its L2 norm (official csd-if)."""
+    grad_normalize: bool | str = False
+    """`none`/False, `sample`/True (each sample's g by its own norm) or `batch` (the whole batch
+    tensor's norm, official csd-if: deep_floyd_simple_guidance.py:262-263)."""
+    perp_neg_scale: Schedule = 0.0
+    """Weight of the Perp-Neg term w·s·Σ_i w_i·perp(ε_neg_i − ε_neg, ε_y − ε_neg) (official csd-if: 3,
+    configs/csd-if.yaml:86; deep_floyd_simple_guidance.py:198-206,253-254). Used when the prompt
+    embeddings carry Perp-Neg negatives (PromptProcessor(perp_neg=True))."""
     grad_clip: Schedule | None = None
-    """Clamp g elementwise to ±value when set."""
+    """Clamp g elementwise to ±value when set; applied before normalisation as the official code
+    does (deep_floyd_simple_guidance.py:260-261)."""
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
@@ -61,10 +71,21 @@ class GuidanceConfig:
             value = getattr(self, f.name)
             if f.name not in ("weighting", "grad_normalize") and value is not None:
                 validate_schedule(value, f.name)
+        if self.normalization not in GRAD_NORMALIZATIONS:
+            raise ValueError(f"unknown grad_normalize {self.grad_normalize!r}; valid: true, false, {', '.join(GRAD_NORMALIZATIONS)}")
+
+    @property
+    def normalization(self) -> str:
+        """`grad_normalize` as one of GRAD_NORMALIZATIONS (True means `sample`, False `none`)."""
+        if self.grad_normalize is True:
+            return "sample"
+        if self.grad_normalize is False or self.grad_normalize is None:
+            return "none"
+        return str(self.grad_normalize)
 
     def at(self, step: int) -> dict[str, float]:
         """Coefficients and timestep bounds at `step`."""
-        names = ("prompt_scale", "negative_scale", "null_scale", "noise_scale", "min_step_percent", "max_step_percent")
+        names = ("prompt_scale", "negative_scale", "null_scale", "noise_scale", "perp_neg_scale", "min_step_percent", "max_step_percent")
         values = {name: schedule_value(getattr(self, name), step) for name in names}
         values["grad_clip"] = schedule_value(self.grad_clip, step) if self.grad_clip is not None else None
         return values
@@ -73,17 +94,18 @@ class GuidanceConfig:
 GUIDANCE_PRESETS: dict[str, dict[str, Any]] = {
     # the classifier score alone (paper eq. 7)
     "csd": dict(prompt_scale=1.0, negative_scale=0.0, null_scale=-1.0, noise_scale=0.0, grad_normalize=True),
-    # official csd-if.yaml (NeRF stage): null_scale [0, -1, 0, 5000], negative_scale [0, 0, -1, 5000],
-    # uniform weighting, normalised gradient, t_max 0.98 -> 0.5 at step 5000
+    # official configs/csd-if.yaml:79-85 (NeRF stage): null_scale [0, -1, 0, 5000], negative_scale
+    # [0, 0, -1, 5000], uniform weighting, t_max a step 0.98 -> 0.5 at 5000 ([5000, 0.98, 0.5, 5001]);
+    # the whole batch tensor normalised (deep_floyd_simple_guidance.py:32,262-263)
     "csd-annealed-negative": dict(
         prompt_scale=1.0,
         negative_scale=[0, 0.0, -1.0, 5000],
         null_scale=[0, -1.0, 0.0, 5000],
         noise_scale=0.0,
         min_step_percent=0.02,
-        max_step_percent=[0, 0.98, 0.5, 5000],
+        max_step_percent=[5000, 0.98, 0.5, 5001],
         weighting="uniform",
-        grad_normalize=True,
+        grad_normalize="batch",
     ),
     # official csd-sd-refine.yaml: negative_scale [0, -1, -0.5, 10000], null_scale [0, 0, -0.5, 10000],
     # w(t) = 1 - alphas_cumprod, t in [0.02, 0.5]
@@ -126,6 +148,14 @@ class GuidanceOutput:
                 **{f"norm_{k}": v for k, v in self.component_norms.items()}}
 
 
+def perpendicular_component(x: Tensor, y: Tensor) -> Tensor:
+    """The part of each sample of `x` orthogonal to the same sample of `y`:
+    x − (⟨x, y⟩ / max(⟨y, y⟩, 1e-6))·y (threestudio/utils/ops.py perpendicular_component)."""
+    dims = tuple(range(1, x.ndim))
+    coefficient = (x * y).sum(dims) / (y * y).sum(dims).clamp(min=1e-6)
+    return x - coefficient.view(-1, *([1] * (x.ndim - 1))) * y
+
+
 def _per_sample_norm(x: Tensor) -> Tensor:
     return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.ndim - 1)))
 
@@ -142,17 +172,27 @@ class ScoreDistillation:
         c = self.config.at(step)
         batch = z.shape[0]
         T = self.prior.num_train_timesteps
-        t_min = int(round(c["min_step_percent"] * T))
-        t_max = max(t_min, int(round(c["max_step_percent"] * T)))
+        # floor, as set_min_max_steps (deep_floyd_simple_guidance.py:120-122)
+        t_min = int(c["min_step_percent"] * T)
+        t_max = max(t_min, int(c["max_step_percent"] * T))
         t = torch.randint(t_min, t_max + 1, (batch,), generator=generator).clamp(max=T - 1).to(z.device)
         noise = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device, z.dtype)
 
+        perp_neg = embeddings.perp_neg is not None and c["perp_neg_scale"] != 0.0
         branches = [("prompt", c["prompt_scale"], embeddings.prompt), ("null", c["null_scale"], embeddings.null)]
         if c["negative_scale"] != 0.0:
             if embeddings.negative is None:
                 raise ValueError("negative_scale is non-zero but no negative prompt was given")
             branches.insert(1, ("negative", c["negative_scale"], embeddings.negative))
-        branches = [b for b in branches if b[1] != 0.0]
+        # Perp-Neg needs ε_y and ε_neg (the official "uncond": the negative prompt, or "" without one)
+        # whatever their coefficients, and the two view negatives per sample: one batched UNet call
+        keep = {"prompt", "negative"} if perp_neg else set()
+        branches = [b for b in branches if b[1] != 0.0 or b[0] in keep]
+        if perp_neg:
+            if not any(name == "negative" for name, _, _ in branches):
+                uncond = embeddings.negative if embeddings.negative is not None else embeddings.null
+                branches.insert(1, ("negative", 0.0, uncond))
+            branches += [(f"perp_neg_{i}", 0.0, embeddings.perp_neg[:, i]) for i in range(embeddings.perp_neg.shape[1])]
 
         with torch.no_grad():
             alphas_cumprod = self.prior.alphas_cumprod[t].view(-1, 1, 1, 1).to(z.dtype)
@@ -164,20 +204,36 @@ class ScoreDistillation:
                 eps = self.prior.predict_noise(
                     torch.cat([z_t] * k), torch.cat([t] * k), torch.cat([e for _, _, e in branches])
                 ).float()
+                by_name = {}
                 for (name, scale, _), eps_branch in zip(branches, eps.chunk(k)):
-                    g += scale * eps_branch
-                    norms[name] = float(_per_sample_norm(scale * eps_branch).mean())
+                    by_name[name] = eps_branch
+                    if scale != 0.0:
+                        g += scale * eps_branch
+                        norms[name] = float(_per_sample_norm(scale * eps_branch).mean())
+                if perp_neg:
+                    e_pos = by_name["prompt"] - by_name["negative"]
+                    weights = embeddings.perp_neg_weights.to(g.device, torch.float32)
+                    term = sum(
+                        weights[:, i].view(-1, 1, 1, 1) * perpendicular_component(by_name[f"perp_neg_{i}"] - by_name["negative"], e_pos)
+                        for i in range(weights.shape[1])
+                    )
+                    g += c["perp_neg_scale"] * term
+                    norms["perp_neg"] = float(_per_sample_norm(c["perp_neg_scale"] * term).mean())
             if c["noise_scale"] != 0.0:
                 g += c["noise_scale"] * noise.float()
                 norms["noise"] = float(_per_sample_norm(c["noise_scale"] * noise.float()).mean())
             if self.config.weighting == "sds":
                 g = g * (1 - alphas_cumprod.float())
+            # official order: nan_to_num, clip, normalise (deep_floyd_simple_guidance.py:258-263)
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
             grad_norm = float(_per_sample_norm(g).mean())
-            if self.config.grad_normalize:
-                g = g / _per_sample_norm(g).clamp(min=1e-8)
             if c["grad_clip"] is not None:
                 g = g.clamp(-c["grad_clip"], c["grad_clip"])
+            mode = self.config.normalization
+            if mode == "sample":
+                g = g / _per_sample_norm(g).clamp(min=1e-8)
+            elif mode == "batch":
+                g = g / (g.norm(2) + 1e-8)
 
         target = (z - g.to(z.dtype)).detach()
         loss = 0.5 * ((z.float() - target.float()) ** 2).sum() / batch

@@ -28,6 +28,8 @@ SHORT_NAMES = {"toy": TOY_PRIOR}
 """Names that resolve to models shipped inside the package."""
 
 REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+"""What the UNet predicts (scheduler config); score distillation needs ε, v is converted."""
 
 
 class ModelNotFoundError(RuntimeError):
@@ -143,6 +145,15 @@ class DiffusionPrior:
     device: torch.device
     dtype: torch.dtype
     max_length: int
+    prediction_type: str = "epsilon"
+    """The scheduler's `prediction_type`: `epsilon` or `v_prediction` (converted to ε)."""
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"{self.identity}: scheduler prediction_type {self.prediction_type!r} is not supported; "
+                f"valid: {', '.join(PREDICTION_TYPES)}"
+            )
 
     @property
     def kind(self) -> str:
@@ -172,24 +183,32 @@ class DiffusionPrior:
 
         Pixel models: resized to the UNet's size, scaled to [-1, 1]. Latent models: resized to
         the VAE's size, scaled to [-1, 1], encoded (posterior mean) and multiplied by the VAE's
-        `scaling_factor`.
+        `scaling_factor`. `z` is float32 whatever the model dtype: only the UNet input is cast
+        (official forward_unet, deep_floyd_simple_guidance.py:125-136; trainer precision 32,
+        configs/csd-if.yaml:113).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         size = self.resolution
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, (size, size), mode="bilinear", align_corners=False, antialias=True)
-        x = (images * 2.0 - 1.0).to(self.dtype)
+        x = (images * 2.0 - 1.0).float()
         if self.vae is None:
             return x
-        posterior = self.vae.encode(x).latent_dist
-        return posterior.mean * self.vae.config.scaling_factor
+        posterior = self.vae.encode(x.to(self.dtype)).latent_dist
+        return (posterior.mean * self.vae.config.scaling_factor).float()
 
     def predict_noise(self, z_t: Tensor, t: Tensor, text_embeddings: Tensor) -> Tensor:
-        """ε prediction `(B, C, h, w)`; the learned-variance channels of IF are dropped."""
-        out = self.unet(z_t.to(self.dtype), t, encoder_hidden_states=text_embeddings).sample
+        """ε prediction `(B, C, h, w)` in float32; the learned-variance channels of IF are dropped.
+
+        Only the UNet's inputs are cast to the model dtype. A v-prediction model's output is turned
+        into ε = √ᾱ_t·v + √(1−ᾱ_t)·z_t (v = √ᾱ_t·ε − √(1−ᾱ_t)·x₀, Salimans & Ho 2022)."""
+        out = self.unet(z_t.to(self.dtype), t, encoder_hidden_states=text_embeddings.to(self.dtype)).sample.float()
         if out.shape[1] == 2 * z_t.shape[1]:
             out = out[:, : z_t.shape[1]]
+        if self.prediction_type == "v_prediction":
+            alpha = self.alphas_cumprod[t.to(self.alphas_cumprod.device)].view(-1, 1, 1, 1).to(out.device)
+            out = alpha.sqrt() * out + (1 - alpha).sqrt() * z_t.float()
         return out
 
 
@@ -220,10 +239,14 @@ def load_prior(config: ModelConfig = ModelConfig()) -> DiffusionPrior:
     weights = {"torch_dtype": dtype, "variant": config.variant}
     # without accelerate diffusers warns and falls back to this anyway; say it so the log stays clean
     diffusers_weights = {**weights, "low_cpu_mem_usage": False} if importlib.util.find_spec("accelerate") is None else weights
+    scheduler = load("scheduler")
+    # before the weights load: a v-prediction or x0 model used as ε would distil garbage silently
+    prediction_type = str(getattr(scheduler.config, "prediction_type", "epsilon"))
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"{path}/scheduler: prediction_type {prediction_type!r} is not supported; valid: {', '.join(PREDICTION_TYPES)}")
     unet = load("unet", **diffusers_weights)
     text_encoder = load("text_encoder", **weights)
     tokenizer = load("tokenizer")
-    scheduler = load("scheduler")
     vae = load("vae", **diffusers_weights) if index.get("vae") and index["vae"][0] is not None else None
     for module in (unet, text_encoder, vae):
         if module is not None:
@@ -236,7 +259,7 @@ def load_prior(config: ModelConfig = ModelConfig()) -> DiffusionPrior:
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     identity = f"{config.model}@{config.revision or ''}:{_fingerprint(path)}"
     log.info("loaded %s prior %s (%s, %s) from %s", "latent" if vae is not None else "pixel", config.model, device, dtype, path)
-    return DiffusionPrior(identity, unet, text_encoder, tokenizer, alphas_cumprod, vae, device, dtype, max_length)
+    return DiffusionPrior(identity, unet, text_encoder, tokenizer, alphas_cumprod, vae, device, dtype, max_length, prediction_type)
 
 
 def _fingerprint(path: Path) -> str:

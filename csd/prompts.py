@@ -67,13 +67,34 @@ def view_prompt(prompt: str, view: str) -> str:
     return f"{prompt}{VIEW_SUFFIXES[view]}" if prompt else prompt
 
 
+# Perp-Neg weight curves a·e^(−b·r) + c (threestudio/models/prompt_processors/base.py,
+# PromptProcessor.Config perp_neg_f_*; the weights used are their negatives)
+PERP_NEG_F_FS = (4.0, 0.5, -2.426)
+"""front↔side: the weight of the front negative as the view turns from front (r=1) to side (r=0)."""
+PERP_NEG_F_SF = (4.0, 0.5, -2.426)
+"""front↔side: the weight of the side negative, evaluated at 1 − r."""
+PERP_NEG_F_SB = (1.0, 0.5, -0.606)
+"""side→back: the weight of the side negative."""
+PERP_NEG_F_FSB = (1.0, 0.5, 0.967)
+"""side→back: the weight of the front negative (behind the object the front must stay away)."""
+
+
+def shifted_exponential(a: float, b: float, c: float, r: Tensor) -> Tensor:
+    return a * torch.exp(-b * r) + c
+
+
 @dataclass
 class PromptEmbeddings:
-    """Per-camera text embeddings, each `(B, L, D)`; `negative` is None when there is no negative prompt."""
+    """Per-camera text embeddings, each `(B, L, D)`; `negative` is None when there is no negative prompt.
+
+    With Perp-Neg, `prompt` is the azimuth-interpolated view embedding, `perp_neg` holds two
+    negative view embeddings per camera `(B, 2, L, D)` and `perp_neg_weights` their weights `(B, 2)`."""
 
     prompt: Tensor
     negative: Tensor | None
     null: Tensor
+    perp_neg: Tensor | None = None
+    perp_neg_weights: Tensor | None = None
 
 
 def default_cache_dir() -> Path:
@@ -133,9 +154,14 @@ class PromptProcessor:
         view_dependent: bool = True,
         thresholds: ViewThresholds = ViewThresholds(),
         cache: TextEmbeddingCache | None = None,
+        perp_neg: bool = False,
     ):
         if not prompt.strip():
             raise ValueError("prompt is empty; a prompt describes the asset to generate")
+        if perp_neg and not view_dependent:
+            # as the official code (base.py get_text_embeddings_perp_neg asserts view-dependent prompting)
+            raise ValueError("perp_neg needs view_dependent prompts (it interpolates the front/side/back embeddings)")
+        self.perp_neg = perp_neg
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.view_dependent = view_dependent
@@ -155,7 +181,43 @@ class PromptProcessor:
         else:
             prompt = self._prompt_embeddings.expand(batch, -1, -1)
         negative = self._negative.expand(batch, -1, -1) if self._negative is not None else None
-        return PromptEmbeddings(prompt, negative, self._null.expand(batch, -1, -1))
+        null = self._null.expand(batch, -1, -1)
+        if not self.perp_neg:
+            return PromptEmbeddings(prompt, negative, null)
+        positive, negatives, weights = self._perp_neg(elevation.cpu(), azimuth.cpu(), negative if negative is not None else null)
+        return PromptEmbeddings(positive, negative, null, negatives, weights)
+
+    def _perp_neg(self, elevation: Tensor, azimuth: Tensor, uncond: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Interpolated positive `(B, L, D)`, two negative view embeddings `(B, 2, L, D)` and their
+        weights `(B, 2)`, as threestudio/models/prompt_processors/base.py get_text_embeddings_perp_neg:
+
+        - overhead (elevation > threshold): the overhead embedding, no negatives (weights 0);
+        - |az| < 90: r = 1 − |az|/90, positive r·front + (1 − r)·side, negatives front and side with
+          weights −f_fs(r), −f_sf(1 − r);
+        - otherwise: r = 2 − |az|/90, positive r·side + (1 − r)·back, negatives side and front with
+          weights −f_sb(r), −f_fsb(r)."""
+        views = self._prompt_embeddings.float()
+        front, side, back, overhead = (views[VIEWS.index(v)] for v in ("front", "side", "back", "overhead"))
+        index = view_indices(elevation, azimuth, self.thresholds)
+        az = wrap_azimuth(torch.as_tensor(azimuth, dtype=torch.float32)).abs().to(views.device)
+        is_overhead = (index == VIEWS.index("overhead")).to(views.device)
+        front_side = az < 90.0
+        r = torch.where(front_side, 1.0 - az / 90.0, 2.0 - az / 90.0)
+        rv = r.view(-1, 1, 1)
+        positive = torch.where(front_side.view(-1, 1, 1), rv * front + (1 - rv) * side, rv * side + (1 - rv) * back)
+        first = torch.where(front_side.view(-1, 1, 1), front, side)
+        second = torch.where(front_side.view(-1, 1, 1), side, front)
+        w_first = torch.where(front_side, -shifted_exponential(*PERP_NEG_F_FS, r), -shifted_exponential(*PERP_NEG_F_SB, r))
+        w_second = torch.where(front_side, -shifted_exponential(*PERP_NEG_F_SF, 1 - r), -shifted_exponential(*PERP_NEG_F_FSB, r))
+        weights = torch.stack([w_first, w_second], dim=1)
+        negatives = torch.stack([first, second], dim=1)
+        # overhead: the overhead embedding and two dummy negatives (the negative prompt) of weight 0
+        positive = torch.where(is_overhead.view(-1, 1, 1), overhead.expand_as(positive), positive)
+        dummy = uncond.float().to(views.device)[:, None].expand_as(negatives)
+        negatives = torch.where(is_overhead.view(-1, 1, 1, 1), dummy, negatives)
+        weights = torch.where(is_overhead.view(-1, 1), torch.zeros_like(weights), weights)
+        dtype = self._prompt_embeddings.dtype
+        return positive.to(dtype), negatives.to(dtype), weights
 
     def texts(self, elevation: Tensor, azimuth: Tensor) -> list[str]:
         """The prompts used for these cameras (for logging)."""

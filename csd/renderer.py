@@ -11,8 +11,14 @@ from torch import Tensor, nn
 
 from csd.cameras import Cameras, get_rays
 
-SHADING_MODES = ("albedo", "diffuse", "textureless")
+SHADING_MODES = ("albedo", "diffuse", "textureless", "normal")
+"""`normal` renders the world-space normal map as colour n·0.5 + 0.5: the official `textureless`
+with `textureless_normal: true` (threestudio/models/materials/diffuse_with_point_light_material.py:110-112,
+configs/csd-if.yaml:52)."""
 BACKGROUNDS = ("solid", "random", "learned")
+ORIENTATION_REDUCTIONS = ("rays", "opaque")
+"""`rays`: the penalty averaged over all rays; `opaque`: summed and divided by the number of rays
+with opacity > 0, as threestudio/systems/magic3d.py does (loss_orient)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,8 @@ class RendererConfig:
     random_background_range: tuple[float, float] = (0.65, 1.0)
     random_background_prob: float = 0.5
     """With a `learned` background: probability of replacing it by a random colour (threestudio random_aug)."""
+    orientation_reduction: str = "rays"
+    """How the orientation penalty is normalised: `rays` (mean over rays) or `opaque` (official)."""
 
 
 @dataclass
@@ -118,6 +126,10 @@ class VolumeRenderer:
     def __init__(self, config: RendererConfig, bound: float, device="cpu"):
         if config.background not in BACKGROUNDS:
             raise ValueError(f"unknown background {config.background!r}; valid: {', '.join(BACKGROUNDS)}")
+        if config.orientation_reduction not in ORIENTATION_REDUCTIONS:
+            raise ValueError(
+                f"unknown orientation_reduction {config.orientation_reduction!r}; valid: {', '.join(ORIENTATION_REDUCTIONS)}"
+            )
         self.config = config
         self.bound = bound
         self.grid = (
@@ -198,6 +210,8 @@ class VolumeRenderer:
             lambert = (normal * F.normalize(light - points, dim=-1)).sum(-1, keepdim=True).clamp(min=0)
             shade = c.ambient + (1 - c.ambient) * lambert
             colour = albedo * shade if shading == "diffuse" else shade.expand(-1, -1, 3)
+            if shading == "normal":
+                colour = normal * 0.5 + 0.5
 
         weights, rgb = composite(density, colour, deltas)
         opacity = weights.sum(1, keepdim=True)
@@ -212,7 +226,11 @@ class VolumeRenderer:
         if need_normals:
             # Ref-NeRF orientation loss: normals should not face away from the camera
             facing = (normal * directions[:, None, :]).sum(-1).clamp(min=0) ** 2
-            orientation = (weights.detach() * facing).sum(1).mean()
+            if c.orientation_reduction == "opaque":
+                # threestudio/systems/magic3d.py loss_orient: Σ w·max(0, n·d)² / #(opacity > 0)
+                orientation = (weights.detach() * facing).sum() / (opacity > 0).sum().clamp(min=1)
+            else:
+                orientation = (weights.detach() * facing).sum(1).mean()
         background = self.background(directions.view(batch, -1, 3), batch, generator, training).reshape(-1, 3)
         rgb = rgb + (1 - opacity) * background
 

@@ -1,7 +1,9 @@
 """Scalar schedules as in threestudio configs: a number, or `[start_step, start_value, end_value, end_step]`.
 
 The value is `start_value` up to `start_step`, moves linearly to `end_value` at `end_step` and
-stays there.
+stays there — threestudio's `C()` (threestudio/utils/misc.py) for integer steps:
+`start + (end − start)·clamp((step − s0)/(s1 − s0), 0, 1)`. So `[5000, 0.98, 0.5, 5001]`
+(configs/csd-if.yaml:81) is a step at 5000, not a ramp from 0.
 """
 
 from __future__ import annotations

@@ -81,6 +81,41 @@ def validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def config(args: argparse.Namespace) -> int:
+    """Print the resolved config of every planned stage as YAML: the same plan `run` executes
+    (`load_catalog` → `plan_asset` → `stage_config`), nothing re-resolved here."""
+    import dataclasses
+
+    import yaml
+
+    from csd.guidance import guidance_config
+    from stages.config import config_to_dict
+
+    def resolved(stage) -> dict:
+        entry = {"identity": stage.identity, "config": config_to_dict(stage.config)}
+        method, overrides = getattr(stage.config, "method", None), getattr(stage.config, "guidance", None)
+        if method is not None and overrides is not None:
+            # the preset's coefficients with the overrides applied: what ScoreDistillation will use
+            entry["guidance_resolved"] = dataclasses.asdict(guidance_config(method, **overrides))
+        return entry
+
+    plans = _check_catalog(args, [args.asset] if args.asset else None)
+    if plans is None:
+        return 1
+    if args.asset and not plans:
+        print(f"{args.catalog}: no asset {args.asset!r}", file=sys.stderr)
+        return 1
+    for plan in plans:
+        stages = [plan.stage(args.stage)] if args.stage else plan.stages
+        document = {
+            "asset": plan.row.asset_id,
+            "preset": plan.preset,
+            "stages": {stage.name: resolved(stage) for stage in stages},
+        }
+        sys.stdout.write("---\n" + yaml.safe_dump(document, sort_keys=False, width=120, default_flow_style=None))
+    return 0
+
+
 def _print_status(out: str, only: list[str] | None = None) -> None:
     from flows.pipeline import STAGE_NAMES, stage_states
 
@@ -223,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     command = sub.add_parser("validate", help="check a catalog and report every problem; runs nothing")
     common(command)
     command.set_defaults(func=validate)
+
+    command = sub.add_parser("config", help="print the fully resolved config of each planned stage as YAML; runs nothing")
+    common(command)
+    command.add_argument("--asset", metavar="ID", help="only this asset id")
+    command.add_argument("--stage", choices=STAGE_NAMES, help="only this stage")
+    command.set_defaults(func=config)
 
     command = sub.add_parser("sync-tracking", help="upload the MLflow logs spooled while the tracking server was down")
     command.add_argument("--out", default="out", help=OUT_HELP)

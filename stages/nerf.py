@@ -24,7 +24,7 @@ from csd.cameras import CameraConfig, orbit_cameras, sample_cameras
 from csd.fields import FieldConfig, ImplicitVolume, save_field
 from csd.guidance import ScoreDistillation, guidance_config
 from csd.models import ModelConfig, load_prior_cached
-from csd.prompts import PromptProcessor
+from csd.prompts import PromptProcessor, ViewThresholds
 from csd.renderer import SHADING_MODES, RendererConfig, VolumeRenderer
 from csd.schedules import Schedule, schedule_value
 from stages.common import StageResult, StageWorkspace, StepCallback, Timer, TrainingCheckpoint, write_previews
@@ -52,6 +52,11 @@ class NerfConfig:
     """Overrides of the guidance preset's fields (e.g. {prompt_scale: 7.5})."""
     view_dependent: bool = True
     """Append ", front view" etc. to the prompt by camera."""
+    perp_neg: bool = False
+    """Perp-Neg view embeddings (official csd-if: use_perp_neg, configs/csd-if.yaml:72); its weight is
+    the guidance field `perp_neg_scale` (csd-if.yaml:86: 3)."""
+    view_thresholds: ViewThresholds = ViewThresholds()
+    """Azimuth/elevation thresholds of the view suffixes (official csd-if: front 30, back 30)."""
     field: FieldConfig = FieldConfig()
     renderer: RendererConfig = RendererConfig()
     cameras: CameraConfig = CameraConfig()
@@ -66,7 +71,10 @@ class NerfConfig:
     shading_probs: dict[str, float] = dataclasses.field(default_factory=lambda: {"albedo": 0.2, "diffuse": 0.6, "textureless": 0.2})
     """After the ambient-only phase, per-step probability of each shading mode."""
     lambda_orientation: Schedule = 0.0
+    """Weight of the orientation penalty; normals are rendered on every step where it is > 0, as
+    threestudio/systems/magic3d.py applies loss_orient whatever the shading."""
     lambda_sparsity: Schedule = 0.0
+    """Weight of mean √(opacity² + 0.01) (threestudio/systems/magic3d.py loss_sparsity)."""
     checkpoint_every: int = 200
     preview_views: int = 16
     preview_resolution: int = 64
@@ -88,6 +96,8 @@ def validate(config: NerfConfig) -> None:
     if config.steps < 1 or config.batch_size < 1:
         raise ValueError(f"nerf: steps and batch_size must be >= 1 (got {config.steps}, {config.batch_size})")
     guidance_config(config.method, **config.guidance)
+    if config.perp_neg and not config.view_dependent:
+        raise ValueError("nerf: perp_neg needs view_dependent: true")
 
 
 @torch.no_grad()
@@ -121,7 +131,10 @@ def run(
         optimizer = torch.optim.Adam(params, lr=config.lr, eps=config.adam_eps)
         generator = torch.Generator().manual_seed(config.seed)
         rng = random.Random(config.seed)
-        prompts = PromptProcessor(prior, config.prompt, config.negative_prompt, view_dependent=config.view_dependent)
+        prompts = PromptProcessor(
+            prior, config.prompt, config.negative_prompt, view_dependent=config.view_dependent, thresholds=config.view_thresholds,
+            perp_neg=config.perp_neg,
+        )
         guidance = ScoreDistillation(prior, guidance_config(config.method, **config.guidance))
         history: list[dict[str, float]] = []
         step = 0
@@ -160,7 +173,7 @@ def run(
             with timer("render"):
                 out = renderer.render(
                     volume, cameras, config.resolution, shading=shading, generator=generator,
-                    compute_normals=lambda_orientation > 0 and step >= config.ambient_only_steps,
+                    compute_normals=lambda_orientation > 0,
                 )
             with timer("guidance"):
                 z = prior.encode_images(out.rgb)

@@ -57,3 +57,79 @@ def test_missing_model_id_names_it_and_says_how_to_fix(monkeypatch, tmp_path):
 def test_unknown_dtype_raises(if_like_model):
     with pytest.raises(ValueError, match="float16"):
         load_prior(ModelConfig(model=str(if_like_model), dtype="float8"))
+
+
+class _VUnet(torch.nn.Module):
+    """Returns a fixed v (and records the dtype it was called with)."""
+
+    def __init__(self, v):
+        super().__init__()
+        self.v, self.dtypes = v, []
+        self.config = type("Config", (), {"sample_size": v.shape[-1]})()
+
+    def forward(self, z_t, t, encoder_hidden_states):
+        self.dtypes.append((z_t.dtype, encoder_hidden_states.dtype))
+        return type("Out", (), {"sample": self.v.to(z_t.dtype)})()
+
+
+def _prior_with(unet, prediction_type, alphas, dtype=torch.float32):
+    from csd.models import DiffusionPrior
+
+    return DiffusionPrior("fake", unet, None, None, alphas, None, torch.device("cpu"), dtype, 77, prediction_type)
+
+
+def test_v_prediction_is_converted_to_epsilon():
+    # x_t = √ᾱ·x0 + √(1−ᾱ)·ε and v = √ᾱ·ε − √(1−ᾱ)·x0  =>  ε = √ᾱ·v + √(1−ᾱ)·x_t
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    t = torch.tensor([100, 700])
+    a = alphas[t].view(-1, 1, 1, 1)
+    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    prior = _prior_with(_VUnet(v), "v_prediction", alphas)
+    torch.testing.assert_close(prior.predict_noise(x_t, t, torch.zeros(2, 5, 8)), eps, atol=1e-5, rtol=1e-5)
+    # an ε model's output is passed through unchanged
+    torch.testing.assert_close(_prior_with(_VUnet(eps), "epsilon", alphas).predict_noise(x_t, t, torch.zeros(2, 5, 8)), eps)
+
+
+def test_unsupported_prediction_type_raises_naming_it():
+    with pytest.raises(ValueError, match="'sample'"):
+        _prior_with(_VUnet(torch.zeros(1)), "sample", torch.ones(10))
+
+
+def test_half_precision_model_gets_fp16_inputs_but_distils_fp32():
+    # official forward_unet (deep_floyd_simple_guidance.py:125-136): only the UNet input is cast
+    unet = _VUnet(torch.ones(1, 3, 4, 4))
+    prior = _prior_with(unet, "epsilon", torch.linspace(0.99, 0.01, 1000), dtype=torch.float16)
+    z = prior.encode_images(torch.rand(1, 3, 4, 4))
+    assert z.dtype == torch.float32
+    out = prior.predict_noise(z, torch.tensor([5]), torch.zeros(1, 5, 8))
+    assert unet.dtypes == [(torch.float16, torch.float16)] and out.dtype == torch.float32
+
+
+def test_scheduler_prediction_type_is_read_at_load(if_like_model, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "v-model"
+    shutil.copytree(if_like_model, copy)
+    config_file = copy / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    assert load_prior(ModelConfig(model=str(if_like_model))).prediction_type == config.get("prediction_type", "epsilon")
+    config_file.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    assert load_prior(ModelConfig(model=str(copy))).prediction_type == "v_prediction"
+    config_file.write_text(json.dumps({**config, "prediction_type": "sample"}))
+    with pytest.raises(ValueError, match="prediction_type 'sample'"):
+        load_prior(ModelConfig(model=str(copy)))
+
+
+@pytest.mark.parametrize("fixture", ["sd_like_model", "if_like_model"])
+def test_perp_neg_guides_latent_and_pixel_priors(fixture, request, tmp_path):
+    prior = load_prior(ModelConfig(model=str(request.getfixturevalue(fixture))))
+    processor = PromptProcessor(prior, "a red cube", "blurry", cache=TextEmbeddingCache(prior, tmp_path), perp_neg=True)
+    image = torch.rand(3, 3, 32, 32, requires_grad=True)
+    embeddings = processor(torch.tensor([0.0, 10.0, 70.0]), torch.tensor([30.0, 150.0, 0.0]))
+    assert embeddings.perp_neg.shape[:2] == (3, 2) and embeddings.perp_neg_weights[2].tolist() == [0.0, 0.0]
+    out = ScoreDistillation(prior, guidance_config("csd-annealed-negative", perp_neg_scale=3.0))(prior.encode_images(image), embeddings, step=0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and image.grad.abs().sum() > 0 and out.component_norms["perp_neg"] > 0

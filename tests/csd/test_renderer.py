@@ -84,5 +84,34 @@ def test_shading_modes_and_background():
     textureless = renderer.render(field, cameras, 9, shading="textureless", training=False)
     # light at the camera, normal facing it: ambient + (1 - ambient) * 1 = 1 (grey-white)
     assert textureless.rgb[0, :, 4, 4].tolist() == pytest.approx([1.0, 1.0, 1.0], abs=0.05)
+    normal = renderer.render(field, cameras, 9, shading="normal", training=False)
+    # the centre ray meets the ball where the normal is +x (toward the camera): colour (1, 0.5, 0.5)
+    assert normal.rgb[0, :, 4, 4].tolist() == pytest.approx([1.0, 0.5, 0.5], abs=0.02)
+    assert normal.rgb[0, :, 0, 0].tolist() == pytest.approx([0.0, 0.0, 1.0], abs=1e-3)
     with pytest.raises(ValueError, match="albedo, diffuse, textureless"):
         renderer.render(field, cameras, 9, shading="phong")
+
+
+class InsideOutBall(BallField):
+    """Normals pointing inward: every visible surface point faces away from the camera."""
+
+    def normal(self, points, density=None):
+        return -torch.nn.functional.normalize(points, dim=-1)
+
+
+def test_orientation_penalty_normalised_by_opaque_rays():
+    # threestudio/systems/magic3d.py loss_orient: Σ w·max(0, n·d)² / #(opacity > 0)
+    field = InsideOutBall(1e4)
+    cameras = _center_ray_camera()
+    rays = VolumeRenderer(RendererConfig(num_samples=128, occupancy_resolution=0, background="solid"), 1.0)
+    opaque = VolumeRenderer(RendererConfig(num_samples=128, occupancy_resolution=0, background="solid", orientation_reduction="opaque"), 1.0)
+    by_rays = rays.render(field, cameras, 16, compute_normals=True, training=False)
+    by_opaque = opaque.render(field, cameras, 16, compute_normals=True, training=False)
+    n_opaque = int((by_opaque.opacity > 0).sum())
+    assert 0 < n_opaque < 256, "some rays miss the ball and have opacity exactly 0"
+    assert float(by_opaque.orientation) == pytest.approx(float(by_rays.orientation) * 256 / n_opaque, rel=1e-5)
+    # the single centre ray meets the surface head-on: (n·d)² = 1
+    centre = opaque.render(field, make_cameras(*(torch.tensor([v]) for v in (0.0, 0.0, 2.0, 1.0))), 1, compute_normals=True, training=False)
+    assert float(centre.orientation) == pytest.approx(1.0, abs=0.01)
+    with pytest.raises(ValueError, match="rays, opaque"):
+        VolumeRenderer(RendererConfig(orientation_reduction="all"), 1.0)

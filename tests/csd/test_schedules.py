@@ -13,8 +13,14 @@ def test_constant_schedule():
     [(-5, 0.98), (0, 0.98), (2500, 0.74), (5000, 0.5), (9000, 0.5)],
 )
 def test_linear_schedule_boundaries_and_midpoint(step, expected):
-    # official csd-if t_max: [0, 0.98, 0.5, 5000]
     assert schedule_value([0, 0.98, 0.5, 5000], step) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("step, expected", [(0, 0.98), (4999, 0.98), (5000, 0.98), (5001, 0.5), (10_000, 0.5)])
+def test_official_tmax_is_a_step_at_5000(step, expected):
+    # configs/csd-if.yaml:81 [5000, 0.98, 0.5, 5001] under threestudio C() (threestudio/utils/misc.py):
+    # start + (end - start) * clamp((step - 5000) / (5001 - 5000), 0, 1)
+    assert schedule_value([5000, 0.98, 0.5, 5001], step) == pytest.approx(expected)
 
 
 def test_schedule_with_late_start():
