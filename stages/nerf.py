@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from csd.cameras import CameraConfig, orbit_cameras, sample_cameras
 from csd.fields import FieldConfig, ImplicitVolume, save_field
@@ -29,6 +28,7 @@ from csd.renderer import SHADING_MODES, RendererConfig, VolumeRenderer
 from csd.schedules import Schedule, schedule_value
 from stages.common import StageResult, StageWorkspace, StepCallback, Timer, TrainingCheckpoint, write_previews
 from stages.config import dump_yaml
+from stages.progress import StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def run(
 
         timer = Timer()
         resumed_at = step
-        progress = tqdm(total=config.steps, initial=step, desc=f"nerf {config.prompt[:30]}", disable=None, mininterval=2)
+        progress = StepProgress(config.steps, step, f"nerf {config.prompt[:30]}", log)
         while step < config.steps:
             step_start = time.perf_counter()
             renderer.update_occupancy(volume, step, generator)
@@ -197,7 +197,7 @@ def run(
             history.append({"step": step, **metrics})
             if callback is not None:
                 callback(step, metrics)
-            progress.update(1)
+            progress.update(metrics)
             if step % config.checkpoint_every == 0 and step < config.steps:
                 save_checkpoint()
         progress.close()
