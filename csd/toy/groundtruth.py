@@ -31,10 +31,10 @@ from csd.toy.world import BOUND, COLOURS, SHAPES, Scenes, _sdf
 GRID_RESOLUTION = 40
 """Samples per side of the fixed grid over `[-BOUND, BOUND]³` (voxel side 0.051: the world's smallest
 torus tube, radius 0.32 · 0.45 = 0.14, spans about 6 voxels across)."""
-FIT_RADIUS = (0.3, 1.0)
-"""Radii the fit may take: wider than the world's `radius_range` (0.45–0.7), since user meshes are
-normalised to 0.8 and a distilled object need not keep the training scale — a scaled primitive is
-still that primitive."""
+FIT_RADIUS = (0.15, 1.0)
+"""Radii the fit may take: wider than the world's `radius_range` (0.45–0.7) both ways, since user meshes
+are normalised to 0.8 and a distilled object need not keep the training scale (the demo's red cube
+came out smaller than the world's smallest) — a scaled primitive is still that primitive."""
 MAX_OFFSET = 0.25
 """Largest centre offset per axis (world units) the fit may use: world objects sit at the origin."""
 SURFACE_SAMPLES = 20_000
