@@ -102,8 +102,8 @@ def score_textured_mesh(mesh: TexturedMesh, prompt: str, views: Tensor | None = 
 
 
 def _field_level(asset_dir: Path) -> float:
-    """The density level the asset's `mesh` stage extracted at (its `stats.json`), or, before a mesh
-    stage ran, the level `csd.mesh` picks for the toy preset's `auto` threshold."""
+    """The density level the asset's `mesh` stage extracted at (its `stats.json` `threshold`): the nerf
+    is judged at the surface the pipeline took from it, whatever the threshold rule (`auto` or a number)."""
     stats = asset_dir / "mesh" / "stats.json"
     if stats.exists():
         level = json.loads(stats.read_text()).get("threshold")
