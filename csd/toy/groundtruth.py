@@ -312,7 +312,7 @@ def textured_surface_colours(vertices: np.ndarray, faces: np.ndarray, uvs: np.nd
 
 
 @torch.no_grad()
-def field_surface_colours(field, level: float, count: int = SURFACE_SAMPLES, seed: int = 0, resolution: int = 96, device="cpu") -> np.ndarray:
+def field_surface_colours(field, level: float, count: int = SURFACE_SAMPLES, seed: int = 0, resolution: int = 64, device="cpu") -> np.ndarray:
     """`(N, 3)` field albedos at points uniform by area on its isosurface at `level` (marching cubes on
     a `resolution`³ grid over the bounding cube, as `csd.mesh.marching_cubes` extracts it)."""
     grid: DensityGrid = sample_density(field, np.full(3, -BOUND), np.full(3, BOUND), resolution, 262_144, device)

@@ -67,3 +67,22 @@ def test_export_card_holds_the_ground_truth_for_toy_presets(tmp_path):
     run(ExportConfig(prompt="a green cube", scorer="none", turntable_frames=16, video="gif"), tmp_path / "plain",
         inputs={"asset": tmp_path / "uv"}, identity="export-2")
     assert json.loads((tmp_path / "plain" / "card.json").read_text())["quality"] == {}
+
+
+def test_nerf_stage_is_scored_at_the_mesh_level(tmp_path):
+    import torch
+
+    from csd.fields import FieldConfig, ImplicitVolume, save_field
+
+    torch.manual_seed(0)
+    # a freshly initialised field is the density blob: a sphere wherever the level cuts it
+    (tmp_path / "nerf").mkdir()
+    save_field(ImplicitVolume(FieldConfig(n_levels=4, log2_hashmap_size=12, max_resolution=64)), tmp_path / "nerf")
+    with pytest.raises(FileNotFoundError, match="stats.json"):
+        score_stage("nerf", tmp_path / "nerf", "a red sphere")
+    (tmp_path / "mesh").mkdir()
+    (tmp_path / "mesh" / "stats.json").write_text(json.dumps({"threshold": 3.0}))
+    numbers = score_stage("nerf", tmp_path / "nerf", "a red cube")
+    assert numbers["level"] == 3.0 and numbers["best_shape"] == "sphere"
+    assert numbers["shape_ious"]["sphere"] >= 0.97 and numbers["shape_margin"] < -0.1
+    assert 0.0 <= numbers["colour_error"] <= 1.0 and numbers["views"] == 8
