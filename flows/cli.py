@@ -218,6 +218,49 @@ def sync_tracking(args: argparse.Namespace) -> int:
     return 1 if report.pending else 0
 
 
+def score(args: argparse.Namespace) -> int:
+    """Ground-truth shape/colour and open-set evaluator scores of each finished stage with geometry or a
+    texture, per asset: a table, or one JSON object per asset with `--json`. Exits 1 when an asked-for
+    asset is missing."""
+    import json
+
+    from flows.pipeline import AssetRecord, stage_states
+    from flows.store import open_store
+    from stages.score import SCORED_STAGES, score_asset
+
+    store = open_store(args.out)
+    table = stage_states(store)
+    missing = [a for a in args.asset or [] if a not in table]
+    for asset_id in missing:
+        print(f"no asset {asset_id!r} under {args.out}", file=sys.stderr)
+    wanted = [a for a in table if not args.asset or a in args.asset]
+    if not wanted and not missing:
+        print(f"no assets under {args.out}")
+    for asset_id in wanted:
+        record = AssetRecord.load(store, asset_id)
+        done = [name for name, state in table[asset_id].items() if state == "done" and name in SCORED_STAGES]
+        result = score_asset(store.local / asset_id, record.row if record else {}, done)
+        if args.json:
+            print(json.dumps(result), flush=True)
+            continue
+        print(f"{asset_id}: {result['prompt']!r}" + (f" → edit {result['edit_prompt']!r}" if result.get("edit_prompt") else ""))
+        if not result["stages"]:
+            print("  no finished stage with geometry or a texture")
+        for stage, numbers in result["stages"].items():
+            if "not_scored" in numbers or "error" in numbers:
+                print(f"  {stage:<8} {numbers.get('not_scored') or numbers['error']}")
+                continue
+
+            def cell(key: str, fmt: str = ".3f") -> str:
+                value = numbers.get(key)
+                return "-" if value is None else format(value, fmt) if isinstance(value, float) else str(value)
+
+            print(f"  {stage:<8} shape_iou {cell('shape_iou')}  margin {cell('shape_margin'):>6}  best {cell('best_shape'):<6}  "
+                  f"colour_error {cell('colour_error')}  nearest {cell('nearest_colour'):<6}  "
+                  f"open-set colour {cell('colour_accuracy', '.2f')} shape {cell('shape_accuracy', '.2f')} ({cell('views')} views)")
+    return 1 if missing else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flows.pipeline import DEFAULT_PRESET, STAGE_NAMES
 
@@ -254,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--out", default="out", help=OUT_HELP)
     command.add_argument("--sheet", type=Path, metavar="FILE", help="also write the batch contact sheet (PNG) there")
     command.set_defaults(func=status)
+
+    command = sub.add_parser("score", help="ground-truth shape/colour and open-set scores of finished assets (toy-world prompts)")
+    command.add_argument("out", help="output root: a folder or an fsspec URL (scores its working copy)")
+    command.add_argument("--asset", nargs="+", metavar="ID", help="only these asset ids")
+    command.add_argument("--json", action="store_true", help="one JSON object per asset instead of the table")
+    command.set_defaults(func=score)
 
     command = sub.add_parser("validate", help="check a catalog and report every problem; runs nothing")
     common(command)

@@ -1,5 +1,6 @@
 """Stage `export`: the bundle a user picks up — GLB, OBJ/MTL/PNG, turntable video, contact sheet,
-and `card.json` with prompts, per-stage identities and timings, mesh stats and a quality score.
+and `card.json` with prompts, per-stage identities and timings, mesh stats and a quality score (toy presets: also
+the ground-truth shape IoU and surface colour error of `stages.score`).
 
 Input `asset` is the last geometry+texture stage that ran (edit > texture > uv); the other stage
 directories (`nerf`, `mesh`, `uv`, `texture`, `edit`) are read only for the card.
@@ -28,6 +29,7 @@ from csd.raster import MeshRenderer, MeshRendererConfig
 from stages.assets import TexturedMesh, read_textured_mesh, write_textured_mesh
 from stages.common import StageResult, StageWorkspace, StepCallback, Timer, contact_sheet, to_uint8
 from stages.config import dump_yaml
+from stages.score import score_textured_mesh
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +198,9 @@ def run(config: ExportConfig, out_dir: Path, *, inputs: dict[str, Path] | None =
                 score = score_views(views, text, config.scorer, config.clip_model)
                 if score is not None:
                     scores[role] = {"scorer": score.scorer, "score": score.score, **score.details}
+                if config.scorer == "toy":
+                    # the world's ground truth: shape IoU with the fitted primitive, surface colour error
+                    scores.setdefault(role, {}).update(score_textured_mesh(mesh, text, views))
         card = {
             "prompt": config.prompt,
             "negative_prompt": config.negative_prompt,
