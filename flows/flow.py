@@ -9,7 +9,9 @@ writes its record to `<out>/<asset_id>/asset.json` and a copy for its batch unde
 `<out>/<asset_id>/batches/`; the batch collects its copies, so it needs no result storage, works
 the same in both modes, and two batches over one output root do not read each other's records.
 The batch ends Failed when an asset failed, with a markdown summary artifact saying what failed
-where; running it again recomputes only what did not complete.
+where; running it again recomputes only what did not complete. Retrying a failed batch run
+(`prefect flow-run retry`) reuses the assets it completed and runs the failed and crashed ones
+again, which recompute only their failed stage and the later ones.
 
 Caching is by stage directory (see `flows.pipeline`), not by Prefect's task cache: the stage files
 are the results, and a directory whose identity matches is reused by any run on any machine that
@@ -190,13 +192,15 @@ def summary_markdown(catalog: str, records: dict[str, AssetRecord | None], track
     return "\n".join(lines) + "\n"
 
 
-def asset_key(batch_id: str, catalog_fingerprint: str, parameters: dict[str, Any]) -> str:
-    """Idempotency key of an asset's flow run within a batch: the batch run (which keeps its id when
-    Prefect retries it), the catalog version and the asset's parameters. A retried batch finds the
-    asset runs it already started (running or finished) instead of starting them again."""
+def asset_key(batch_id: str, catalog_fingerprint: str, parameters: dict[str, Any], batch_try: int = 1) -> str:
+    """Idempotency key of an asset's flow runs within one run of a batch: the batch flow run, which
+    of its runs this is (`batch_try`, Prefect's run_count: a retried batch keeps its flow-run id), the
+    catalog version and the asset's parameters. Within a run the key makes resubmission idempotent;
+    a retried batch gets new keys, so its failed and crashed assets run again (its completed ones
+    it reuses from the records it kept, see `batch`)."""
     asset_parameters = {k: v for k, v in parameters.items() if k != "tracking"}
     digest = hashlib.sha256(json.dumps(asset_parameters, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return f"{batch_id}/{parameters['row']['asset_id']}/{catalog_fingerprint}/{digest}"
+    return f"{batch_id}/try-{batch_try}/{parameters['row']['asset_id']}/{catalog_fingerprint}/{digest}"
 
 
 def submit_asset(deployment: str, parameters: dict[str, Any], key: str, attempts: int) -> None:
@@ -260,7 +264,15 @@ def batch(
     tracker.log_params(batch_run_id, {"catalog": catalog, "preset": preset, "out": out, "assets": len(rows),
                                       "only": ",".join(only or []), "overrides": overrides or {}, "rerun_stage": rerun_stage})
 
+    batch_try = flow_run.run_count or 1
+
     def make(row: CatalogRow) -> AssetRecord | None:
+        if batch_try > 1:
+            # a retried batch reuses the assets its earlier run completed (their records it kept)
+            kept = AssetRecord.collect(store, row.asset_id, batch_id)
+            if kept is not None and kept.status == "completed":
+                log.info("asset %s: completed in an earlier run of this batch; reused", row.asset_id)
+                return kept
         parameters = {
             "row": row.to_dict(), "out": out, "preset": preset, "overrides": overrides,
             "rerun_stage": rerun_stage if rerun_stage in stages_of[row.asset_id] else None,
@@ -268,7 +280,8 @@ def batch(
             "tracking": {**tracker.context(batch_run_id), "catalog": catalog, "batch_id": batch_id},
         }
         if asset_deployment:
-            submit_asset(asset_deployment, parameters, asset_key(batch_id, parsed.fingerprint, parameters), asset_attempts)
+            submit_asset(asset_deployment, parameters, asset_key(batch_id, parsed.fingerprint, parameters, batch_try),
+                         asset_attempts)
         else:
             asset(**parameters, return_state=True)
         return AssetRecord.collect(store, row.asset_id, batch_id)
@@ -286,5 +299,10 @@ def batch(
     tracker.end_run(batch_run_id, not failed)
     tracker.close()
     if failed:
+        # keep the completed assets' records for a retry of this batch run (`prefect flow-run retry`),
+        # which reuses those assets and runs the failed and crashed ones again
+        for record in records.values():
+            if record is not None and record.status == "completed":
+                record.hand_to_batch(store, batch_id)
         raise BatchFailed(f"{len(failed)} of {len(rows)} asset(s) failed: {', '.join(failed)}\n{markdown}")
     return statuses

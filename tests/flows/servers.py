@@ -123,6 +123,9 @@ class Cluster:
                     "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
         for name in ("PREFECT_API_URL", "CSD_ASSET_FAIL_STAGE"):
             self.env.pop(name, None)
+        # every command runs in the repository root, as from a shell there (prefect.yaml's pull step
+        # is `{{ $PWD }}` at `prefect deploy` time)
+        self.env["PWD"] = str(ROOT)
 
     def start(self, name: str, args: list[str], **env: str) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "a")
@@ -139,11 +142,15 @@ class Cluster:
         self.env.update(env)
         return env
 
-    def start_services(self, crash_after_s: float) -> None:
+    def start_services(self, crash_after_s: float, mlflow: bool = True) -> None:
         """Prefect and MLflow servers, the pool, the deployments, and the crash automation with its
-        window set to `crash_after_s`."""
+        window set to `crash_after_s`. `mlflow=False`: no MLflow server, and no MLFLOW_TRACKING_URI
+        (each output root gets its own `mlflow.db`, as on one machine)."""
         server = self.start("prefect-server", [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.prefect_port)])
-        self.start_mlflow()
+        if mlflow:
+            self.start_mlflow()
+        else:
+            self.env.pop("MLFLOW_TRACKING_URI", None)
         wait_healthy(f"{self.api}/health", server)
         self.env["PREFECT_API_URL"] = self.api
         self.prefect("work-pool", "create", "csd-gpu", "--type", "process")
