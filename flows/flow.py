@@ -52,6 +52,7 @@ from flows.store import open_store
 from flows.tracking import Tracker, code_version, default_spool, run_link
 
 log = logging.getLogger(__name__)
+SHEET_NAME = "contact_sheet.png"
 BATCH_FLOW = "csd-asset"
 ASSET_FLOW = "csd-asset-single"
 SUMMARY_ARTIFACT = "csd-asset-batch"
@@ -159,11 +160,31 @@ def _score(record: AssetRecord) -> str:
     return f"{metrics['quality']:.2f}" if "quality" in metrics else "—"
 
 
-def summary_markdown(catalog: str, records: dict[str, AssetRecord | None], tracker: Tracker, batch_run_id: str | None) -> str:
+def _write_contact_sheet(store, asset_ids: list[str], batch_id: str) -> Path | None:
+    """`<out>/sheets/<batch_id>/contact_sheet.png` of the batch's assets; a failure only warns."""
+    from flows.sheet import write_sheet
+
+    path = store.local / "sheets" / str(batch_id) / SHEET_NAME
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_sheet(store, path, asset_ids)
+    except Exception as error:  # a review aid: never the reason a finished batch fails
+        log.warning("batch contact sheet not written: %s", error)
+        return None
+    return path
+
+
+def summary_markdown(
+    catalog: str, records: dict[str, AssetRecord | None], tracker: Tracker, batch_run_id: str | None, sheet: Path | None = None
+) -> str:
     """The batch summary: one table row per asset with status, stages, score and MLflow run."""
     lines = [
         f"# csd-asset batch: `{catalog}`", "",
         f"MLflow: `{tracker.uri}`, batch run {run_link(tracker.uri, tracker.experiment_id, batch_run_id)}", "",
+    ]
+    if sheet is not None:
+        lines += [f"Contact sheet (every asset at a glance): artifact `{SHEET_NAME}` of the batch run, file `{sheet}`", ""]
+    lines += [
         "| asset | status | stages | quality | MLflow run | problem |", "|---|---|---|---|---|---|",
     ]
     for asset_id, record in records.items():
@@ -291,7 +312,9 @@ def batch(
         futures = {row.asset_id: pool.submit(contextvars.copy_context().run, make, row) for row in rows}
         records = {asset_id: future.result() for asset_id, future in futures.items()}
     statuses = {asset_id: record.status if record else "crashed" for asset_id, record in records.items()}
-    markdown = summary_markdown(catalog, records, tracker, batch_run_id)
+    sheet = _write_contact_sheet(store, list(records), batch_id)
+    markdown = summary_markdown(catalog, records, tracker, batch_run_id, sheet)
+    tracker.log_files(batch_run_id, [sheet] if sheet else [])
     create_markdown_artifact(markdown, key=SUMMARY_ARTIFACT, description=f"csd-asset batch over {catalog}")
     tracker.log_text(batch_run_id, markdown, "summary.md")
     failed = sorted(a for a, status in statuses.items() if status in ("failed", "crashed"))

@@ -80,6 +80,7 @@ def test_mlflow_holds_batch_asset_stage_runs_with_params_metrics_and_previews(fa
     runs = _runs(client)
     (batch,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assets = {r.data.tags["asset_id"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == batch.info.run_id}
+    assert "contact_sheet.png" in [a.path for a in client.list_artifacts(batch.info.run_id)], "the batch at a glance"
     assert set(assets) == {"red-cube", "green-box"}
     assert assets["red-cube"].data.tags["prompt"] == "a red cube" and assets["red-cube"].data.tags["preset"] == "toy-cpu"
     assert assets["red-cube"].info.status == "FINISHED" and assets["green-box"].info.status == "FAILED"
