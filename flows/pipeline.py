@@ -4,7 +4,7 @@ No Prefect and no MLflow here: `flows.flow` wraps `execute_stage` in a Prefect t
 `flows.tracking` logs what it returns, so everything below is testable with plain function calls.
 
 A stage's identity is `hash(asset_id, stage, resolved config, upstream identities or input-file
-digests, stage VERSION)`; its files live in `<out>/<asset_id>/<stage>/`. A completed directory
+digests, the stage's source files, the prior's weights)` (`stages.identity`); its files live in `<out>/<asset_id>/<stage>/`. A completed directory
 with the same identity is reused unless an upstream stage was committed after it (then it runs again,
 and so does everything after it): two batches over one output root compute each stage once.
 The output root may be a local folder or an fsspec URL (`flows.store`).
@@ -15,7 +15,6 @@ and `csd-asset rerun`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import logging
@@ -32,10 +31,12 @@ from typing import Any
 
 import yaml
 
+from csd.models import ModelNotFoundError
 from flows.catalog import Catalog, CatalogError, CatalogRow, read_catalog
 from flows.store import Store, open_store
 from stages.common import RESULT_FILE, StageResult, StepCallback
 from stages.config import ConfigError, build_config, config_hash, load_preset
+from stages.identity import file_digest, source_fingerprint, weights_fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ Upstream = dict[str, Path]
 class StageSpec:
     """One entry of the registry: a stage module and how a catalog row feeds it.
 
-    The module exposes `VERSION` and `run(config, out_dir, *, inputs, identity, callback)`; the config
+    The module exposes `run(config, out_dir, *, inputs, identity, callback)`; the config
     class is the annotation of `run`'s `config`. It may expose `validate(config)`, called at planning."""
 
     name: str
@@ -203,10 +204,6 @@ def stage_config(spec: StageSpec, row: CatalogRow, preset_name: str, preset: dic
     return config
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def plan_asset(row: CatalogRow, out: Store | str | Path, preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> AssetPlan:
     """Configs, identities, directories and inputs of every stage the row runs. Raises ConfigError
     (naming the row's line) when a config does not resolve."""
@@ -223,13 +220,17 @@ def plan_asset(row: CatalogRow, out: Store | str | Path, preset: str = DEFAULT_P
     for spec in (spec for spec in STAGES if spec.runs_for(row)):
         try:
             config = stage_config(spec, row, preset_name, preset_data, overrides)
+            weights = weights_fingerprints(config)
         except ConfigError as error:
             # override errors already name their line and column (or --set); others get the row's line
             message = str(error) if str(error).startswith(("line ", "--set")) else f"line {row.line} (asset {row.asset_id!r}), {error}"
             raise ConfigError(message) from error
+        except ModelNotFoundError as error:
+            raise ConfigError(f"line {row.line} (asset {row.asset_id!r}), {spec.name}: {error}") from error
         inputs = spec.inputs(row, upstream)
-        linked = {key: identities[path] if path in identities else file_digest(path) for key, path in inputs.items()}
-        identity = config_hash(row.asset_id, spec.name, config, linked, spec.load().VERSION)
+        linked = {key: identities[path] if path in identities else file_digest(path)[:16] for key, path in inputs.items()}
+        code = source_fingerprint(spec.module)
+        identity = config_hash(row.asset_id, spec.name, config, linked, code, weights)
         directory = store.local / row.asset_id / spec.name
         stages.append(PlannedStage(row.asset_id, spec, config, identity, directory, inputs, store))
         upstream[spec.name] = directory

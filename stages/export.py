@@ -31,7 +31,6 @@ from stages.config import dump_yaml
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
 STAGE_ORDER = ("nerf", "mesh", "uv", "texture", "edit")
 VIDEO_FORMATS = ("mp4", "gif")
 
