@@ -89,7 +89,7 @@ def test_a_changed_weight_file_replans_the_stages_that_load_the_prior(tmp_path, 
 
 def test_a_model_folder_without_an_index_is_refused_at_planning(tmp_path, tiny):
     (tmp_path / "not-a-model").mkdir()
-    with pytest.raises(ConfigError, match=r"line 2 \(asset 'red'\), nerf: .*not-a-model.* not a diffusers model folder"):
+    with pytest.raises(ConfigError, match=r"line 2 \(asset 'red'\), model: .*not-a-model.* not a diffusers model folder"):
         plan_asset(CatalogRow("red", "a red cube", line=2), tmp_path / "out", overrides={**tiny, "model.model": str(tmp_path / "not-a-model")})
 
 
