@@ -85,6 +85,11 @@ class Catalog:
         return [row for row in self.rows if row.asset_id in set(only)]
 
 
+def location(line: int, column: str | None = None, asset_id: str | None = None) -> str:
+    """Where a catalog message points: `line 3, column 'nerf.steps' (asset 'red')`."""
+    return f"line {line}" + (f", column {column!r}" if column else "") + (f" (asset {asset_id!r})" if asset_id else "")
+
+
 def _asset_id_problem(value: str) -> str | None:
     if not value:
         return "is empty"
@@ -184,12 +189,13 @@ def read_catalog(path: Path, check_override: Callable[[str], str | None]) -> tup
 
 def _check_row(values: dict[str, str], line: int, base: Path, first_line: dict[str, int]) -> list[str]:
     problems = []
-
-    def problem(column: str, message: str) -> None:
-        problems.append(f"line {line}, column {column!r}: {message}")
-
     asset_id = values["asset_id"]
     reason = _asset_id_problem(asset_id)
+
+    def problem(column: str, message: str) -> None:
+        # a problem with the asset id quotes it; the other ones name the row by it
+        problems.append(f"{location(line, column, None if column == 'asset_id' or reason else asset_id)}: {message}")
+
     if reason:
         problem("asset_id", f"{asset_id!r} {reason}")
     elif asset_id in first_line:
@@ -212,6 +218,14 @@ def _check_row(values: dict[str, str], line: int, base: Path, first_line: dict[s
             problem("mesh", f"file {mesh!r} does not exist (looked for {mesh_path.resolve()})")
         elif mesh_path.suffix.lower() not in MESH_SUFFIXES:
             problem("mesh", f"{mesh!r} is not a mesh format trimesh reads ({', '.join(MESH_SUFFIXES)})")
+        else:
+            from stages.mesh import load_user_mesh  # what the mesh stage will do with it
+
+            try:
+                load_user_mesh(mesh_path, up="z")
+            except Exception as error:  # trimesh raises many kinds for a broken file
+                problem("mesh", f"{mesh!r} cannot be loaded as a mesh ({type(error).__name__}: {error}); expected one of "
+                        f"{', '.join(MESH_SUFFIXES)} with at least one triangle")
     if values.get("edit_prompt") and values["edit_prompt"] == values["prompt"]:
         problem("edit_prompt", "equals the prompt; an edit needs a different target description")
     return problems

@@ -4,7 +4,7 @@ No Prefect and no MLflow here: `flows.flow` wraps `execute_stage` in a Prefect t
 `flows.tracking` logs what it returns, so everything below is testable with plain function calls.
 
 A stage's identity is `hash(asset_id, stage, resolved config, upstream identities or input-file
-digests, stage VERSION)`; its files live in `<out>/<asset_id>/<stage>/`. A completed directory
+digests, the stage's source files, the prior's weights)` (`stages.identity`); its files live in `<out>/<asset_id>/<stage>/`. A completed directory
 with the same identity is reused unless an upstream stage was committed after it (then it runs again,
 and so does everything after it): two batches over one output root compute each stage once.
 The output root may be a local folder or an fsspec URL (`flows.store`).
@@ -15,7 +15,6 @@ and `csd-asset rerun`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import logging
@@ -32,10 +31,12 @@ from typing import Any
 
 import yaml
 
-from flows.catalog import Catalog, CatalogError, CatalogRow, read_catalog
+from csd.models import ModelNotFoundError
+from flows.catalog import Catalog, CatalogError, CatalogRow, location, read_catalog
 from flows.store import Store, open_store
 from stages.common import RESULT_FILE, StageResult, StepCallback
 from stages.config import ConfigError, build_config, config_hash, load_preset
+from stages.identity import file_digest, source_fingerprint, weights_fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ Upstream = dict[str, Path]
 class StageSpec:
     """One entry of the registry: a stage module and how a catalog row feeds it.
 
-    The module exposes `VERSION` and `run(config, out_dir, *, inputs, identity, callback)`; the config
+    The module exposes `run(config, out_dir, *, inputs, identity, callback)`; the config
     class is the annotation of `run`'s `config`. It may expose `validate(config)`, called at planning."""
 
     name: str
@@ -177,34 +178,68 @@ def coerce_override(cls: type, dotted: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {value!r} is not valid YAML") from None
 
 
+def _config_path(spec: StageSpec, key: str) -> str:
+    """The field an override key sets, as a path from the stage (`model.dtype` → `nerf.model.dtype`)."""
+    return key if key.partition(".")[0] == spec.name else f"{spec.name}.{key}"
+
+
+def _locate(spec: StageSpec, row: CatalogRow, preset_name: str, overrides: dict[str, Any], field: str | None, text: str) -> str:
+    """A config problem as a catalog message: the row's column (or the `--set`) that gave the
+    offending value, else the preset; always the line and the asset."""
+    row_where = location(row.line, asset_id=row.asset_id)
+    if field is None:
+        return text if text.startswith(("line ", "--set")) else f"{row_where}, {text}"
+
+    def sets(key: str) -> bool:
+        path = _config_path(spec, key)
+        return path == field or path.startswith(f"{field}.") or field.startswith(f"{path}.")
+
+    for key in row.overrides:
+        if sets(key):
+            about = "" if _config_path(spec, key) == field else f"{field}: "
+            return f"{location(row.line, key, row.asset_id)}: {about}{text}"
+    for key in overrides:
+        if sets(key):
+            return f"--set {key} (asset {row.asset_id!r}): {text}"
+    return f"{row_where}, preset {preset_name!r}, {field}: {text}"
+
+
 def stage_config(spec: StageSpec, row: CatalogRow, preset_name: str, preset: dict[str, Any], overrides: dict[str, Any]) -> Any:
     """Resolve the config of `spec` for `row`: preset section (with the preset's `model` section
-    merged under it), then the row's prompt/seed, then batch `overrides`, then the row's overrides."""
+    merged under it), then the row's prompt/seed, then batch `overrides`, then the row's overrides.
+
+    Every nested config is built and checked here, at planning; a ConfigError lists each problem as
+    a message naming the line, the column (or `--set`, or the preset), the asset and the value."""
     cls = spec.config_class()
     fields = {f.name for f in dataclasses.fields(cls)}
     section = dict(preset.get(spec.name) or {})
     if "model" in fields:
         section["model"] = {**(preset.get("model") or {}), **(section.get("model") or {})}
     values = {k: v for k, v in spec.row_fields(row, preset_name).items() if k in fields}
-    sources = [(overrides, "--set {key}"), (row.overrides, f"line {row.line}, column {{key!r}}")]
+    sources = [(overrides, lambda key: f"--set {key}"), (row.overrides, lambda key: location(row.line, key, row.asset_id))]
+    problems: list[tuple[str | None, str]] = []
     for source, where in sources:
         for key, value in source.items():
             section_name, _, name = key.partition(".")
             if section_name == spec.name or (section_name == "model" and "model" in fields):
                 target = name if section_name == spec.name else key
-                values[target] = coerce_override(cls, target, value, where.format(key=key))
-    config = build_config(cls, section, values, where=spec.name)
+                try:
+                    values[target] = coerce_override(cls, target, value, where(key))
+                except ConfigError as error:
+                    problems += error.problems
+    if problems:
+        raise ConfigError(problems=problems)
+    try:
+        config = build_config(cls, section, values, where=spec.name)
+    except ConfigError as error:
+        raise ConfigError(problems=[(None, _locate(spec, row, preset_name, overrides, f, t)) for f, t in error.problems]) from error
     validate = getattr(spec.load(), "validate", None)
     if validate is not None:
         try:
             validate(config)
         except ValueError as error:
-            raise ConfigError(str(error)) from error
+            raise ConfigError(_locate(spec, row, preset_name, overrides, None, str(error))) from error
     return config
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def plan_asset(row: CatalogRow, out: Store | str | Path, preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> AssetPlan:
@@ -215,25 +250,34 @@ def plan_asset(row: CatalogRow, out: Store | str | Path, preset: str = DEFAULT_P
     try:
         preset_data = load_preset(preset_name)
     except ConfigError as error:
-        raise ConfigError(f"line {row.line} (asset {row.asset_id!r}): {error}") from error
+        raise ConfigError(f"{location(row.line, asset_id=row.asset_id)}: {error}") from error
     store = open_store(out)
     stages: list[PlannedStage] = []
     upstream: Upstream = {}
     identities: dict[Path, str] = {}
+    problems: list[str] = []
     for spec in (spec for spec in STAGES if spec.runs_for(row)):
+        directory = store.local / row.asset_id / spec.name
+        upstream_before, upstream[spec.name] = dict(upstream), directory
         try:
             config = stage_config(spec, row, preset_name, preset_data, overrides)
         except ConfigError as error:
-            # override errors already name their line and column (or --set); others get the row's line
-            message = str(error) if str(error).startswith(("line ", "--set")) else f"line {row.line} (asset {row.asset_id!r}), {error}"
-            raise ConfigError(message) from error
-        inputs = spec.inputs(row, upstream)
-        linked = {key: identities[path] if path in identities else file_digest(path) for key, path in inputs.items()}
-        identity = config_hash(row.asset_id, spec.name, config, linked, spec.load().VERSION)
-        directory = store.local / row.asset_id / spec.name
+            problems += [text for _, text in error.problems]
+            continue
+        try:
+            weights = weights_fingerprints(config)
+        except ModelNotFoundError as error:
+            problems.append(f"{location(row.line, asset_id=row.asset_id)}, model: {error}")
+            continue
+        if problems:
+            continue  # the asset is refused; the later stages are still checked
+        inputs = spec.inputs(row, upstream_before)
+        linked = {key: identities[path] if path in identities else file_digest(path)[:16] for key, path in inputs.items()}
+        identity = config_hash(row.asset_id, spec.name, config, linked, source_fingerprint(spec.module), weights)
         stages.append(PlannedStage(row.asset_id, spec, config, identity, directory, inputs, store))
-        upstream[spec.name] = directory
         identities[directory] = identity
+    if problems:
+        raise ConfigError(problems=[(None, text) for text in dict.fromkeys(problems)])
     return AssetPlan(row, preset_name, overrides, store, stages)
 
 
@@ -266,7 +310,7 @@ def load_catalog(
         try:
             plans.append(plan_asset(row, store, preset, overrides))
         except ConfigError as error:
-            problems.append(str(error))
+            problems += [f"{field}: {text}" if field else text for field, text in error.problems]
     if problems:
         raise CatalogError(catalog.path, sorted(set(problems), key=problems.index))
     return catalog, plans

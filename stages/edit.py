@@ -35,8 +35,6 @@ from stages.texture import (
     validate_optim,
 )
 
-VERSION = "1"
-"""Bump when a code change should invalidate finished `edit` stages."""
 
 _SET_BY_NEGATIVE_WEIGHT = ("prompt_scale", "negative_scale", "null_scale")
 

@@ -33,7 +33,6 @@ from stages.score import score_textured_mesh
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
 STAGE_ORDER = ("nerf", "mesh", "uv", "texture", "edit")
 VIDEO_FORMATS = ("mp4", "gif")
 

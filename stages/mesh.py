@@ -39,9 +39,6 @@ from stages.config import dump_yaml
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
-"""Bump when a code change should invalidate finished `mesh` stages."""
-
 MESH_PLY, STATS_JSON = "mesh.ply", "stats.json"
 UP_AXES = ("z", "y")
 # glTF is y-up by specification

@@ -32,9 +32,6 @@ from stages.progress import StepProgress
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
-"""Bump when a code change should invalidate finished `nerf` stages."""
-
 
 @dataclass(frozen=True)
 class NerfConfig:

@@ -39,9 +39,6 @@ from stages.progress import StepProgress
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
-"""Bump when a code change should invalidate finished `texture` stages."""
-
 EVALUATORS = ("none", "toy")
 """`toy`: the shapes-world classifier `csd.toy.evaluator` (fraction of views with the prompt's colour/shape)."""
 _LOGIT_EPS = 0.25 / 255

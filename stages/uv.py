@@ -30,9 +30,6 @@ from stages.config import dump_yaml
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
-"""Bump when a code change should invalidate finished `uv` stages."""
-
 STATS_JSON = "stats.json"
 
 

@@ -123,7 +123,7 @@ def test_evaluator_scores_fresh_renders():
 
 @pytest.mark.skipif(
     not (TOY_PRIOR / "model_index.json").exists(),
-    reason=f"the toy prior is not exported yet ({TOY_PRIOR}/model_index.json missing; `python -m csd.toy.train`)",
+    reason=f"the toy prior is not exported yet ({TOY_PRIOR}/model_index.json missing; `python -m tools.toy.train`)",
 )
 def test_shipped_prior_loads_offline_and_guides(monkeypatch, tmp_path):
     from csd.cameras import orbit_cameras

@@ -28,11 +28,11 @@ EXPECTED = [
     "line 3, column 'asset_id': 'good' duplicates the asset on line 2",
     "line 4, column 'asset_id': '../escape' contains a path separator",
     "line 5, column 'asset_id': '..' contains '..'",
-    "line 6, column 'prompt': is empty",
-    "line 7, column 'seed': 'abc' is not a whole number from 0 to 4294967295",
-    "line 8, column 'preset': unknown preset 'fancy'; valid: ",
-    "line 9, column 'mesh': file 'meshes/missing.obj' does not exist",
-    "line 10, column 'nerf.steps': 'many' is not a whole number",
+    "line 6, column 'prompt' (asset 'no-prompt'): is empty",
+    "line 7, column 'seed' (asset 'bad-seed'): 'abc' is not a whole number from 0 to 4294967295",
+    "line 8, column 'preset' (asset 'bad-preset'): unknown preset 'fancy'; valid: ",
+    "line 9, column 'mesh' (asset 'no-mesh'): file 'meshes/missing.obj' does not exist",
+    "line 10, column 'nerf.steps' (asset 'bad-steps'): 'many' is not a whole number",
 ]
 
 
@@ -97,3 +97,72 @@ def test_shipped_catalogs_are_valid():
         assert len(plans) == len(catalog.rows) >= 3
     _, demo = load_catalog(root / "demo.csv")
     assert any(p.row.edit_prompt for p in demo) and any(p.row.mesh for p in demo)
+
+
+# nested config values the stages would refuse only after the model loaded
+NESTED = """asset_id,prompt,mesh,nerf.renderer.background,nerf.field.backend,nerf.cameras.distance_range,nerf.renderer.num_samples
+bg,a red cube,,lerned,,,
+tcnn,a red cube,,,tcnn,,
+cams,a red cube,,,,"[2, -1]",
+samples,a red cube,,,,,0
+two,a red cube,,lerned,,,0
+garbage,a red cube,meshes/garbage.obj,,,,
+empty,a red cube,meshes/empty.obj,,,,
+"""
+
+
+def test_bad_nested_values_and_unloadable_meshes_are_refused_at_planning(tmp_path, tiny, monkeypatch):
+    import csd.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("validation must not load a model")
+
+    monkeypatch.setattr(csd.models, "load_prior", no_loading)
+    (tmp_path / "meshes").mkdir()
+    (tmp_path / "meshes" / "garbage.obj").write_text("v 1 2\nf garbage here\nnot an obj at all\n")
+    (tmp_path / "meshes" / "empty.obj").write_text("# no vertices, no faces\n")
+    path = tmp_path / "nested.csv"
+    path.write_text(NESTED)
+    with pytest.raises(CatalogError) as caught:
+        load_catalog(path, overrides=tiny, out=tmp_path / "out")
+    problems = caught.value.problems
+    expected = [
+        "line 7, column 'mesh' (asset 'garbage'): 'meshes/garbage.obj' cannot be loaded as a mesh (ValueError: ",
+        "line 8, column 'mesh' (asset 'empty'): 'meshes/empty.obj' cannot be loaded as a mesh",
+        "line 2, column 'nerf.renderer.background' (asset 'bg'): 'lerned' is not one of solid, random, learned",
+        "line 3, column 'nerf.field.backend' (asset 'tcnn'): 'tcnn' is not one of torch",
+        "line 4, column 'nerf.cameras.distance_range' (asset 'cams'): [2, -1] has min > max; expected [min, max] with min <= max",
+        "line 5, column 'nerf.renderer.num_samples' (asset 'samples'): 0 must be >= 1",
+        "line 6, column 'nerf.renderer.num_samples' (asset 'two'): 0 must be >= 1",  # every bad value of a row, in field order
+        "line 6, column 'nerf.renderer.background' (asset 'two'): 'lerned' is not one of solid, random, learned",
+    ]
+    assert len(problems) == len(expected), "\n".join(problems)
+    for want, problem in zip(expected, problems):
+        assert problem.startswith(want), f"{problem!r} should start with {want!r}"
+    assert "with at least one triangle" in problems[0], "the message says what a mesh cell must name"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_nested_value_from_set_or_a_preset_names_where_it_came_from(tmp_path, tiny):
+    path = tmp_path / "one.csv"
+    path.write_text("asset_id,prompt\nred,a red cube\n")
+    with pytest.raises(CatalogError) as caught:
+        load_catalog(path, overrides={**tiny, "nerf.renderer.background": "lerned"}, out=tmp_path / "out")
+    assert caught.value.problems == ["--set nerf.renderer.background (asset 'red'): 'lerned' is not one of solid, random, learned"]
+
+    preset = tmp_path / "broken.yaml"
+    preset.write_text("nerf:\n  cameras:\n    fovy_range: [40, 200]\n")
+    path.write_text(f"asset_id,prompt,preset\nred,a red cube,{preset.name}\n")
+    with pytest.raises(CatalogError) as caught:
+        load_catalog(path, overrides=tiny, out=tmp_path / "out")
+    assert caught.value.problems == [
+        f"line 2 (asset 'red'), preset {str(preset)!r}, nerf.cameras.fovy_range: [40, 200] must lie within [0, 180]"
+    ]
+
+
+def test_validate_command_refuses_a_nested_value_naming_the_valid_options(tmp_path, capsys, tiny):
+    path = tmp_path / "bg.csv"
+    path.write_text("asset_id,prompt,nerf.renderer.background\nred,a red cube,lerned\n")
+    assert main(["validate", str(path), *(f"--set={k}={v}" for k, v in tiny.items())]) == 1
+    err = capsys.readouterr().err
+    assert "line 2, column 'nerf.renderer.background' (asset 'red'): 'lerned' is not one of solid, random, learned" in err

@@ -52,6 +52,8 @@ def faulty_batch(prefect_server, tiny, tmp_path_factory):
     patch.undo()
 
 
+# these three share a two-asset batch on the Prefect test server: ~1.5 min
+@pytest.mark.slow
 def test_a_failed_stage_fails_the_batch_but_not_the_other_asset(faulty_batch):
     out = faulty_batch["out"]
     assert faulty_batch["exit_code"] == 1
@@ -72,6 +74,7 @@ def test_a_failed_stage_fails_the_batch_but_not_the_other_asset(faulty_batch):
     assert "stage 'uv' of asset 'green-box' failed" in summary
 
 
+@pytest.mark.slow
 def test_mlflow_holds_batch_asset_stage_runs_with_params_metrics_and_previews(faulty_batch):
     client = MlflowClient(f"sqlite:///{faulty_batch['out'] / 'mlflow.db'}")
     (experiment,) = [e for e in client.search_experiments() if e.name != "Default"]
@@ -110,6 +113,7 @@ def test_mlflow_holds_batch_asset_stage_runs_with_params_metrics_and_previews(fa
         assert client.list_artifacts(red[name].info.run_id, "previews"), f"{name} has rendered previews"
 
 
+@pytest.mark.slow
 def test_status_writes_a_contact_sheet_with_the_failed_asset_framed_red(faulty_batch, capsys):
     import imageio.v3 as iio
 
@@ -131,6 +135,7 @@ def test_status_writes_a_contact_sheet_with_the_failed_asset_framed_red(faulty_b
     assert (entries["red-cube"].state, entries["red-cube"].failed) == ("done", False)
 
 
+@pytest.mark.slow
 def test_running_again_recomputes_only_the_failed_stage_and_later_then_rerun_forces_one(faulty_batch, capsys):
     out = faulty_batch["out"]
     before = _commit_times(out)

@@ -3,12 +3,16 @@
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from flows.catalog import CatalogRow
-from flows.pipeline import AssetRecord, StageOutcome, coerce_override, older_than_inputs, plan_asset, run_asset, stage_states
+from flows.pipeline import (
+    AssetRecord, StageOutcome, coerce_override, execute_stage, older_than_inputs, plan_asset, run_asset, stage_states,
+)
+from stages import identity
 from stages.config import ConfigError
 from stages.nerf import NerfConfig
 
@@ -60,6 +64,58 @@ def test_row_and_preset_fill_the_stage_configs(tmp_path, tiny):
     export = plan.stage("export").config
     assert (export.edit_prompt, export.preset) == ("a blue cube", "toy-cpu")
     assert plan.stage("export").inputs["asset"] == tmp_path / "red" / "edit", "export takes the last textured stage"
+
+
+def _fake_model(path: Path) -> Path:
+    """A diffusers-layout folder as far as planning reads it (planning never loads weights)."""
+    (path / "unet").mkdir(parents=True)
+    (path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
+    (path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights v1")
+    return path
+
+
+def test_a_changed_weight_file_replans_the_stages_that_load_the_prior(tmp_path, tiny):
+    model = _fake_model(tmp_path / "prior")
+    overrides = {**tiny, "model.model": str(model)}
+    rows = [CatalogRow("red", "a red cube", edit_prompt="a blue cube", line=2), CatalogRow("tex", "a cube", mesh=str(CUBE), line=3)]
+    before = [_identities(plan_asset(row, tmp_path / "out", overrides=overrides)) for row in rows]
+    assert [_identities(plan_asset(row, tmp_path / "out", overrides=overrides)) for row in rows] == before
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights v2")  # e.g. the toy prior retrained
+    after = [_identities(plan_asset(row, tmp_path / "out", overrides=overrides)) for row in rows]
+    assert all(after[0][name] != before[0][name] for name in before[0]), "nerf loads the prior; everything after it follows"
+    assert [name for name in before[1] if after[1][name] != before[1][name]] == ["texture", "export"], \
+        "a texture-only row: mesh and uv load no prior"
+
+
+def test_a_model_folder_without_an_index_is_refused_at_planning(tmp_path, tiny):
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(ConfigError, match=r"line 2 \(asset 'red'\), model: .*not-a-model.* not a diffusers model folder"):
+        plan_asset(CatalogRow("red", "a red cube", line=2), tmp_path / "out", overrides={**tiny, "model.model": str(tmp_path / "not-a-model")})
+
+
+def test_a_changed_stage_source_replans_it_and_an_unchanged_tree_reuses_it(tmp_path, tiny, monkeypatch):
+    source = tmp_path / "src"
+    for package in identity.CODE_PACKAGES:
+        shutil.copytree(identity.PROJECT_ROOT / package, source / package,
+                        ignore=lambda folder, names: [n for n in names if n == "__pycache__" or not (n.endswith(".py") or Path(folder, n).is_dir())])
+    monkeypatch.setattr(identity, "PROJECT_ROOT", source)
+    row = CatalogRow("red", "a red cube", line=2)
+    plan = plan_asset(row, tmp_path / "out", overrides=tiny)
+    for when, name in enumerate(("nerf", "mesh", "uv"), start=1):
+        _commit(plan.stage(name), when * 10**18)
+
+    unchanged = plan_asset(row, tmp_path / "out", overrides=tiny)
+    assert [execute_stage(unchanged.stage(name)).status for name in ("nerf", "mesh", "uv")] == ["reused"] * 3
+
+    with (source / "stages" / "mesh.py").open("a") as handle:
+        handle.write("\n# a behaviour change in the mesh stage\n")
+    changed = _identities(plan_asset(row, tmp_path / "out", overrides=tiny))
+    assert [name for name in changed if changed[name] != _identities(unchanged)[name]] == ["mesh", "uv", "texture", "export"]
+    assert plan.store.reusable(plan.stage("mesh").directory, changed["mesh"]) is None, "the committed mesh is not reused"
+
+    with (source / "csd" / "fields.py").open("a") as handle:  # imported by nerf, mesh and uv
+        handle.write("\n# a change to the field\n")
+    assert _identities(plan_asset(row, tmp_path / "out", overrides=tiny))["nerf"] != changed["nerf"]
 
 
 def test_overrides_take_the_field_type_and_bad_ones_name_where():

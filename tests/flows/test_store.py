@@ -125,6 +125,8 @@ def s3(tmp_path_factory):
         stop(server)
 
 
+# a moto S3 server and two `csd-asset run` processes: ~2 min on 2 cores
+@pytest.mark.slow
 def test_two_machines_share_an_s3_root(s3, tmp_path, tiny):
     """`csd-asset run --out s3://…` on machine a makes the asset; machine b (its own working copy)
     reuses every stage; `csd-asset status` on a third reads it from the bucket."""

@@ -226,6 +226,8 @@ def test_the_batch_summary_says_where_the_logs_wait_and_how_to_upload_them(tmp_p
     assert "- batch run: 2 call(s)" in markdown
 
 
+# starts, stops and restarts a real MLflow server: ~1 min
+@pytest.mark.slow
 def test_logs_spooled_while_the_mlflow_server_was_stopped_reach_it_when_the_next_run_connects(tmp_path, offline, monkeypatch):
     from servers import free_port, stop, wait_healthy
 

@@ -23,6 +23,8 @@ class Crash(RuntimeError):
     pass
 
 
+# three nerf runs (interrupted, resumed, uninterrupted): ~1 min
+@pytest.mark.slow
 def test_crash_resume_continues_and_matches_uninterrupted_run(if_like_model, tmp_path):
     config = _config(if_like_model)
     reference = run(config, tmp_path / "reference" / "nerf")

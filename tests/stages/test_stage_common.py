@@ -1,6 +1,7 @@
 """Stage plumbing: config building, atomic workspaces, textured-mesh hand-off files."""
 
 import dataclasses
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -33,6 +34,35 @@ def test_build_config_nested_and_dotted_overrides():
 def test_unknown_fields_name_the_path_and_valid_fields():
     with pytest.raises(ConfigError, match=r"Outer.inner: unknown field\(s\) widht; valid: ratio, width"):
         build_config(Outer, {"inner": {"widht": 5}})
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    mode: Literal["fast", "exact"] = "fast"
+    steps: int = 1
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    checked: Checked = Checked()
+    cameras: CameraConfig = CameraConfig()
+
+
+def test_every_bad_nested_value_is_reported_with_its_path_and_the_valid_options():
+    with pytest.raises(ConfigError) as caught:
+        build_config(Holder, {"checked": {"mode": "fats"}}, {"cameras.distance_range": [2, -1], "cameras.fovy_range": [0, 50]},
+                     where="stage")
+    assert caught.value.problems == [
+        ("stage.checked.mode", "'fats' is not one of fast, exact"),
+        ("stage.cameras.distance_range", "[2, -1] has min > max; expected [min, max] with min <= max"),
+        ("stage.cameras.fovy_range", "[0, 50] must be positive; expected [min, max] with 0 < min <= max"),
+    ]
+    with pytest.raises(ConfigError, match=r"^stage.checked: steps must be >= 1, got 0$"):
+        build_config(Holder, {"checked": {"steps": 0}}, where="stage")
 
 
 def test_hash_changes_with_config_and_flatten():

@@ -1,4 +1,4 @@
-"""Quality report of the toy prior and its evaluator: `python -m csd.toy.report --out out/toy-report`.
+"""Quality report of the toy prior and its evaluator: `python -m tools.toy.report --out out/toy-report`.
 
 Writes `report.md`, `report.json` and PNG grids into `--out`:
 
@@ -36,10 +36,10 @@ from csd.guidance import ScoreDistillation, guidance_config
 from csd.models import DiffusionPrior, ModelConfig, load_prior, resolve_model_path
 from csd.prompts import PromptEmbeddings, PromptProcessor, TextEmbeddingCache
 from csd.toy.evaluator import REPORT_SEED, Evaluator, ScoreResult, held_out_images, load_evaluator
-from csd.toy.train import sample_grid, write_grid
+from tools.toy.train import sample_grid, write_grid
 from csd.toy.world import COLOUR_NAMES, SHAPES
 
-log = logging.getLogger("csd.toy.report")
+log = logging.getLogger("tools.toy.report")
 
 PAIRS = [f"a {colour} {shape}" for shape in SHAPES for colour in COLOUR_NAMES]
 """Every (colour, shape) prompt of the world, shape-major."""
@@ -298,7 +298,7 @@ def _pair_matrix(*per_pair: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m csd.toy.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tools.toy.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json and the grids")
     parser.add_argument("--model", default="toy", help="prior: a shipped short name, a diffusers folder or id")
     parser.add_argument("--evaluator", type=Path, default=None, help="evaluator weights (default: the shipped ones)")

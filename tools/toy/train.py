@@ -1,4 +1,4 @@
-"""Train the toy prior: `python -m csd.toy.train --steps 8000 --out csd/toy/prior`.
+"""Train the toy prior: `python -m tools.toy.train --steps 8000 --out csd/toy/prior`.
 
 ε-prediction DDPM (squared-cosine schedule) with min-SNR-5 loss weighting, AdamW with warm-up
 and cosine decay, EMA weights, 10 % caption dropout. The training images come from a pool of
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from csd.toy.model import MAX_LENGTH, build_scheduler, build_text_encoder, build_tokenizer, build_unet, save_pipeline
 from csd.toy.world import COLOUR_NAMES, SHAPES, WorldConfig, sample_batch
 
-log = logging.getLogger("csd.toy.train")
+log = logging.getLogger("tools.toy.train")
 
 
 def build_pool(path: Path, size: int, seed: int, chunk: int = 1024) -> tuple[torch.Tensor, list[str]]:
