@@ -85,7 +85,7 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
         if not (path / "model_index.json").exists():
             raise ModelNotFoundError(
                 f"the shipped model {model!r} is missing at {path}; reinstall csd-asset or train it with "
-                "`python -m csd.toy.train`"
+                "`python -m tools.toy.train`"
             )
         return path
     local = Path(model).expanduser()
