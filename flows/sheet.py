@@ -21,7 +21,10 @@ from stages.common import atomic_save
 
 TILE = (256, 128)
 """(width, height) of a cell's picture; the export preview is 4 × 2 views."""
-LABEL_HEIGHT = 44
+LABEL_HEIGHT = 66
+"""Id, state and up to three lines of numbers (one per scored prompt)."""
+SHORT = {"shape_iou": "IoU", "colour_error": "colour err"}
+ROLES = {"prompt": "prompt", "edit_prompt": "edit"}
 FAILED = (200, 30, 30)
 
 
@@ -48,9 +51,9 @@ def _numbers(card: dict) -> list[str]:
     numbers = []
     for role, quality in card.get("quality", {}).items():
         values = [f"{quality.get('scorer', 'score')} {quality['score']:.2f}"] if "score" in quality else []
-        values += [f"{key} {quality[key]:.2f}" for key in ("shape_iou", "colour_error") if isinstance(quality.get(key), (int, float))]
+        values += [f"{short} {quality[key]:.2f}" for key, short in SHORT.items() if isinstance(quality.get(key), (int, float))]
         if values:
-            numbers.append(f"{role}: " + ", ".join(values))
+            numbers.append(f"{ROLES.get(role, role)}: " + ", ".join(values))
     return numbers
 
 
@@ -112,7 +115,8 @@ def render_sheet(entries: list[SheetEntry], columns: int = 4) -> np.ndarray:
         colour = FAILED if entry.failed else (0, 0, 0)
         draw.text((x + 4, y + height + 2), entry.asset_id, fill=(0, 0, 0))
         draw.text((x + 4, y + height + 14), entry.state, fill=colour)
-        draw.text((x + 4, y + height + 26), "; ".join(entry.numbers)[:48], fill=(60, 60, 60))
+        for line, numbers in enumerate(entry.numbers[:3]):
+            draw.text((x + 4, y + height + 26 + 12 * line), numbers[:44], fill=(60, 60, 60))
         if entry.failed:
             draw.rectangle((x, y, x + width - 1, y + cell_height - 1), outline=FAILED, width=4)
     return np.asarray(sheet)
