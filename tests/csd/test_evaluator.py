@@ -8,6 +8,7 @@ import torch
 from csd.cameras import orbit_cameras, sample_cameras
 from csd.toy.evaluator import OTHER, accuracy, held_out_images, load_evaluator, parse_prompt
 from csd.toy.world import (
+    BOUND,
     COLOUR_NAMES,
     COLOURS,
     OTHER_KINDS,
@@ -62,21 +63,21 @@ def test_fresh_non_primitives_are_other(evaluator):
 
 def test_non_primitive_scenes_are_deterministic_visible_and_of_every_kind():
     config = WorldConfig()
-    scenes = sample_other_scenes(64, config, torch.Generator().manual_seed(5))
-    again = sample_other_scenes(64, config, torch.Generator().manual_seed(5))
+    scenes = sample_other_scenes(40, config, torch.Generator().manual_seed(5))
+    again = sample_other_scenes(40, config, torch.Generator().manual_seed(5))
     assert torch.equal(scenes.kind, again.kind) and torch.equal(scenes.stretch, again.stretch)
     assert set(scenes.kind.tolist()) == set(range(len(OTHER_KINDS)))
     # colour labels are the palette's: the albedo is the label's colour plus the world's jitter
     palette = torch.tensor(list(COLOURS.values()))[scenes.colour]
     assert (scenes.albedo - palette).abs().max() < 0.25
-    cameras = sample_cameras(64, config.cameras, torch.Generator().manual_seed(6))
+    cameras = sample_cameras(40, config.cameras, torch.Generator().manual_seed(6))
     colour, alpha = render_layers(scenes, cameras, config)
     assert torch.isfinite(colour).all() and torch.isfinite(alpha).all()
     coverage = alpha.mean((1, 2, 3))
     assert (coverage > 0.02).all() and (coverage < 0.8).all()
-    # everything inside the bounding sphere: no object is cut by the image border
-    border = torch.cat([alpha[..., 0, :], alpha[..., -1, :], alpha[..., :, 0], alpha[..., :, -1]], -1)
-    assert (border.amax(-1) < 0.5).float().mean() >= 0.95
+    # everything inside the bounding sphere, where the tracer starts marching
+    on_bound = torch.nn.functional.normalize(torch.randn(40, 2000, 3, generator=torch.Generator().manual_seed(7)), dim=-1)
+    assert (scenes.sdf(BOUND * on_bound) > 0).all()
 
 
 def _vase_with_horn(n: int):
