@@ -129,7 +129,10 @@ class TrainConfig:
     pool: int = 8192
     """Rendered primitive scenes to draw training images from (each step augments them afresh)."""
     other_pool: int = 4096
-    """Rendered non-primitive scenes (the `other` class, about a quarter of every batch)."""
+    """Rendered non-primitive scenes (the `other` class)."""
+    other_share: float = 0.5
+    """Share of each batch drawn from the non-primitives: at a third (their share of the pools) the
+    first run called only 67 % of held-out non-primitives `other`."""
     validation: int = 1024
     """Held-out scenes of each set (own seed) for the accuracies in the config file."""
     seed: int = 0
@@ -163,7 +166,7 @@ def train(config: TrainConfig, cache_dir: Path | None = None) -> tuple[Evaluator
     layers = _pool(config.pool, seed, False, cache_dir)
     if config.other_pool:
         layers = _cat(layers, _pool(config.other_pool, seed + OTHER_SEED_OFFSET, True, cache_dir))
-    size = len(layers.shape_label)
+    primitives = config.pool
     rendered = time.time()
 
     evaluator = Evaluator(config.architecture)
@@ -177,7 +180,12 @@ def train(config: TrainConfig, cache_dir: Path | None = None) -> tuple[Evaluator
     progress = tqdm(range(config.steps), desc="evaluator", mininterval=2)
     running = None
     for step in progress:
-        index = torch.randint(size, (config.batch,), generator=generator)
+        other = torch.rand(config.batch, generator=generator) < (config.other_share if config.other_pool else 0.0)
+        index = torch.where(
+            other,
+            primitives + torch.randint(max(1, config.other_pool), (config.batch,), generator=generator),
+            torch.randint(primitives, (config.batch,), generator=generator),
+        )
         batch = Layers(*(getattr(layers, f)[index] for f in Layers.__dataclass_fields__))
         out = evaluator(augment(batch, generator))
         loss = F.cross_entropy(out.colour_logits, batch.colour_label, label_smoothing=config.label_smoothing)
@@ -235,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--pool", type=int, default=defaults.pool, help="rendered primitive scenes to augment")
     parser.add_argument("--other-pool", type=int, default=defaults.other_pool, help="rendered non-primitive scenes (class `other`)")
+    parser.add_argument("--other-share", type=float, default=defaults.other_share, help="share of each batch from the non-primitives")
     parser.add_argument("--validation", type=int, default=defaults.validation, help="held-out scenes per set")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the default leaves the other cores alone)")
@@ -244,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     config = TrainConfig(
-        steps=args.steps, batch=args.batch, lr=args.lr, pool=args.pool, other_pool=args.other_pool,
+        steps=args.steps, batch=args.batch, lr=args.lr, pool=args.pool, other_pool=args.other_pool, other_share=args.other_share,
         validation=args.validation, seed=args.seed,
     )
     evaluator, record = train(config, args.cache_dir)
