@@ -112,7 +112,7 @@ def validate_optim(config: TextureOptimConfig, stage: str) -> None:
         if not EVALUATOR_WEIGHTS.exists():
             raise ValueError(
                 f"{stage}: evaluator 'toy' needs its weights {EVALUATOR_WEIGHTS}; train them with "
-                "`python -m csd.toy.evaluator train` or set evaluator: none"
+                "`python tools/toy/train_evaluator.py` or set evaluator: none"
             )
     if config.steps < 1 or config.batch_size < 1 or config.texture_levels < 1:
         raise ValueError(

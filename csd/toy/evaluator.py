@@ -4,6 +4,11 @@ Our CPU stand-in for CLIP R-precision: `score(images, "a red cube")` says, per i
 prompted colour and shape are what it sees. It is trained separately from the prior, on fresh
 renders of `csd.toy.world` drawn from its own seeds, and never on pipeline outputs.
 
+It is open-set (issue 13): besides the world's four shapes its shape head has an `other` class,
+trained on renders of non-primitives (`csd.toy.world.sample_other_scenes`: stretched and deformed
+primitives, unions and differences of two, horns, bumps, blobs, two objects side by side), so a
+vase with a horn is not "a cube". A prediction of `other` is a wrong shape for every prompt.
+
 Score-distilled images do not look like the world's renders: their backgrounds are tinted and
 often saturated, their edges blurry or noisy. An evaluator trained only on the world's light
 backgrounds reads those as something else (it called everything "torus"), so training composites
@@ -11,25 +16,19 @@ the object over tinted, gradient and blotchy backgrounds (some in the very colou
 classes) and adds blur, noise, crops, scaling and colour jitter. Both heads pool the feature map
 with a learned spatial attention, so colour is read where the object is, not from the corners.
 
-Training (seeded, a few minutes on one core)::
+Training lives outside the package (seeded, about ten minutes on one core)::
 
-    python -m csd.toy.evaluator train
+    python tools/toy/train_evaluator.py
 
 writes `csd/toy/evaluator.safetensors` and `csd/toy/evaluator.json` (architecture, training
-command, wall time and held-out accuracies).
+command and config, wall time and held-out accuracies: plain, tinted and other).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import math
-import os
 import re
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -46,11 +45,10 @@ from csd.toy.world import (
     WorldConfig,
     degrade,
     render_layers,
+    sample_other_scenes,
     sample_scenes,
     tinted_backgrounds,
 )
-
-log = logging.getLogger("csd.toy.evaluator")
 
 EVALUATOR_WEIGHTS = Path(__file__).parent / "evaluator.safetensors"
 """The shipped weights; the architecture and training record sit next to them in `evaluator.json`."""
@@ -60,6 +58,10 @@ TRAIN_SEED = 1_000_000_000
 VALIDATION_SEED = 1_500_000_000
 REPORT_SEED = 2_000_000_000
 """Seed of the report's accuracy renders (not seen by the evaluator's training)."""
+OTHER_SEED_OFFSET = 250_000_000
+"""Added to a seed for the non-primitive renders drawn next to the primitives of that seed."""
+OTHER = "other"
+"""The shape class of everything that is none of the world's shapes; never a prompt's shape."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,8 @@ class EvaluatorConfig:
     """Input side; other sizes are resized to it."""
     colours: tuple[str, ...] = COLOUR_NAMES
     """Colour classes, in the order of the colour head's outputs."""
-    shapes: tuple[str, ...] = SHAPES
-    """Shape classes, in the order of the shape head's outputs."""
+    shapes: tuple[str, ...] = SHAPES + (OTHER,)
+    """Shape classes, in the order of the shape head's outputs (the world's, then `other`)."""
 
 
 def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -107,7 +109,8 @@ class ScoreResult:
     """What the evaluator sees in `B` images against the prompt(s) they were made for.
 
     Probabilities are over `colour_names` / `shape_names`, in that order; `*_target` are indices
-    into them, parsed from the prompt.
+    into them, parsed from the prompt. `shape_names` may end in `other` (never a target, so an image
+    seen as `other` has a wrong shape whatever it was prompted for).
     """
 
     colour_names: tuple[str, ...]
@@ -144,6 +147,18 @@ class ScoreResult:
     @property
     def predicted_shapes(self) -> list[str]:
         return [self.shape_names[i] for i in self.shape_probs.argmax(1).tolist()]
+
+    @property
+    def other(self) -> Tensor:
+        """`(B,)` bool: the image shows none of the world's shapes (always false for a closed-set evaluator)."""
+        if OTHER not in self.shape_names:
+            return torch.zeros(self.shape_probs.shape[0], dtype=torch.bool)
+        return self.shape_probs.argmax(1) == self.shape_names.index(OTHER)
+
+    @property
+    def other_fraction(self) -> float:
+        """Share of images seen as none of the world's shapes."""
+        return float(self.other.float().mean())
 
 
 def parse_prompt(prompt: str, colours: Sequence[str] = COLOUR_NAMES, shapes: Sequence[str] = SHAPES) -> tuple[str, str]:
@@ -201,7 +216,8 @@ class Evaluator(nn.Module):
         prompts = [prompt] * images.shape[0] if isinstance(prompt, str) else list(prompt)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
-        parsed = {p: parse_prompt(p, self.config.colours, self.config.shapes) for p in dict.fromkeys(prompts)}
+        prompt_shapes = [s for s in self.config.shapes if s != OTHER]
+        parsed = {p: parse_prompt(p, self.config.colours, prompt_shapes) for p in dict.fromkeys(prompts)}
         colour_target = torch.tensor([self.config.colours.index(parsed[p][0]) for p in prompts], dtype=torch.long)
         shape_target = torch.tensor([self.config.shapes.index(parsed[p][1]) for p in prompts], dtype=torch.long)
         was_training = self.training
@@ -229,7 +245,7 @@ def load_evaluator(path: str | Path = EVALUATOR_WEIGHTS, device: str | torch.dev
     config_path = path.with_suffix(".json")
     if not path.exists() or not config_path.exists():
         raise FileNotFoundError(
-            f"evaluator weights {path} or config {config_path} missing; train them with `python -m csd.toy.evaluator train`"
+            f"evaluator weights {path} or config {config_path} missing; train them with `python tools/toy/train_evaluator.py`"
         )
     architecture = json.loads(config_path.read_text())["architecture"]
     config = EvaluatorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in architecture.items()})
@@ -244,7 +260,8 @@ def load_evaluator(path: str | Path = EVALUATOR_WEIGHTS, device: str | torch.dev
 @dataclass
 class Layers:
     """Rendered objects without background: premultiplied `colour` `(N, 3, R, R)`, `alpha` `(N, 1, R, R)`,
-    the world's own `background` `(N, 3)`, and the labels `colour_label`, `shape_label` `(N,)`."""
+    the world's own `background` `(N, 3)`, and the labels `colour_label`, `shape_label` `(N,)` (an index
+    into `EvaluatorConfig.shapes`: `len(SHAPES)` is `other`)."""
 
     colour: Tensor
     alpha: Tensor
@@ -253,16 +270,20 @@ class Layers:
     shape_label: Tensor
 
 
-def render_objects(n: int, seed: int, config: WorldConfig = WorldConfig(), chunk: int = 512, progress: bool = False) -> Layers:
-    """`n` fresh scenes of the world (its scene and camera distributions), rendered as layers; deterministic per seed."""
+def render_objects(
+    n: int, seed: int, config: WorldConfig = WorldConfig(), chunk: int = 512, progress: bool = False, other: bool = False
+) -> Layers:
+    """`n` fresh scenes of the world (its scene and camera distributions), rendered as layers; deterministic
+    per seed. With `other`, non-primitive scenes (`sample_other_scenes`), all labelled `other`."""
     parts = []
-    for index, start in enumerate(tqdm(range(0, n, chunk), desc="rendering", disable=not progress)):
+    for index, start in enumerate(tqdm(range(0, n, chunk), desc="rendering others" if other else "rendering", disable=not progress)):
         generator = torch.Generator().manual_seed(seed + index)
         count = min(chunk, n - start)
-        scenes = sample_scenes(count, config, generator)
+        scenes = (sample_other_scenes if other else sample_scenes)(count, config, generator)
         cameras = sample_cameras(count, config.cameras, generator)
         colour, alpha = render_layers(scenes, cameras, config)
-        parts.append(Layers(colour, alpha, scenes.background, scenes.colour, scenes.shape))
+        shape = torch.full((count,), len(SHAPES)) if other else scenes.shape
+        parts.append(Layers(colour, alpha, scenes.background, scenes.colour, shape))
     return Layers(*(torch.cat([getattr(p, f) for p in parts]) for f in Layers.__dataclass_fields__))
 
 
@@ -276,7 +297,8 @@ def composite(layers: Layers, background: Tensor) -> Tensor:
 @dataclass
 class HeldOutImages:
     """The same fresh scenes over the world's light backgrounds (`plain`) and over tinted ones
-    (`tinted`), each `(N, 3, R, R)`, with the world's share of quality defects; labels `(N,)`."""
+    (`tinted`), each `(N, 3, R, R)`, with the world's share of quality defects; labels `(N,)`
+    (`shape_label` `len(SHAPES)` for non-primitives)."""
 
     plain: Tensor
     tinted: Tensor
@@ -284,12 +306,17 @@ class HeldOutImages:
     shape_label: Tensor
 
     def prompts(self) -> list[str]:
-        return [f"a {COLOUR_NAMES[c]} {SHAPES[s]}" for c, s in zip(self.colour_label.tolist(), self.shape_label.tolist())]
+        """The prompt each image answers (a non-primitive answers none; it is prompted as a sphere)."""
+        shapes = SHAPES + (SHAPES[0],)
+        return [f"a {COLOUR_NAMES[c]} {shapes[s]}" for c, s in zip(self.colour_label.tolist(), self.shape_label.tolist())]
 
 
-def held_out_images(n: int, seed: int = REPORT_SEED, config: WorldConfig = WorldConfig(), progress: bool = False) -> HeldOutImages:
-    """Held-out renders for measuring the evaluator: solid backgrounds only, no augmentation."""
-    layers = render_objects(n, seed, config, progress=progress)
+def held_out_images(
+    n: int, seed: int = REPORT_SEED, config: WorldConfig = WorldConfig(), progress: bool = False, other: bool = False
+) -> HeldOutImages:
+    """Held-out renders for measuring the evaluator: solid backgrounds only, no augmentation. With
+    `other`, non-primitives (from `seed + OTHER_SEED_OFFSET`, so they differ from the primitives' scenes)."""
+    layers = render_objects(n, seed + OTHER_SEED_OFFSET if other else seed, config, progress=progress, other=other)
     generator = torch.Generator().manual_seed(seed - 1)
     quality = torch.where(
         torch.rand(n, generator=generator) < config.degraded_prob,
@@ -301,200 +328,19 @@ def held_out_images(n: int, seed: int = REPORT_SEED, config: WorldConfig = World
     return HeldOutImages(plain, tinted, layers.colour_label, layers.shape_label)
 
 
-def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator)
-
-
-def _gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
-    """Per-image Gaussian blur with `sigma` `(N,)` in pixels (5-tap, separable)."""
-    n, c, h, w = images.shape
-    taps = torch.arange(-2, 3, dtype=images.dtype)
-    kernel = torch.exp(-0.5 * (taps[None] / sigma[:, None].clamp(min=1e-3)) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N·C, 5)
-    x = images.reshape(1, n * c, h, w)
-    x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=n * c)
-    x = F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), kernel[:, None, :, None], groups=n * c)
-    return x.reshape(n, c, h, w)
-
-
-def augment(layers: Layers, generator: torch.Generator) -> Tensor:
-    """Training images `(N, 3, R, R)` from object layers: moved, scaled, rotated and flipped; over a
-    world, tinted, gradient or blotchy background; then colour jitter, blur, noise and the world's defects."""
-    n, _, size, _ = layers.colour.shape
-    p = lambda prob: torch.rand(n, generator=generator) < prob  # noqa: E731
-
-    # crops and scales: zoom 0.8–1.3, shift up to ±15 % of the image, roll ±15°, mirror
-    zoom = _uniform(n, 0.8, 1.3, generator)
-    angle = torch.deg2rad(_uniform(n, -15.0, 15.0, generator))
-    mirror = torch.where(p(0.5), -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = mirror * torch.cos(angle) / zoom, -torch.sin(angle) / zoom
-    theta[:, 1, 0], theta[:, 1, 1] = mirror * torch.sin(angle) / zoom, torch.cos(angle) / zoom
-    theta[:, :, 2] = _uniform(2 * n, -0.3, 0.3, generator).view(n, 2)
-    grid = F.affine_grid(theta, (n, 4, size, size), align_corners=False)
-    moved = F.grid_sample(torch.cat([layers.colour, layers.alpha], 1), grid, align_corners=False)
-    objects = Layers(moved[:, :3], moved[:, 3:], layers.background, layers.colour_label, layers.shape_label)
-
-    # backgrounds: 25 % the world's own, else tinted; a third of those a gradient, a third blotchy
-    tint = tinted_backgrounds(n, generator)[:, :, None, None].expand(n, 3, size, size)
-    ramp = torch.linspace(0, 1, size)
-    direction = p(0.5)[:, None, None, None]
-    ramp = torch.where(direction, ramp.view(1, 1, 1, size), ramp.view(1, 1, size, 1))
-    gradient = tint + ramp * (tinted_backgrounds(n, generator)[:, :, None, None] - tint)
-    blotches = F.interpolate(torch.rand(n, 3, 4, 4, generator=generator), (size, size), mode="bicubic", align_corners=False)
-    blotchy = (tint + 0.5 * (blotches - 0.5)).clamp(0, 1)
-    kind = torch.randint(3, (n,), generator=generator)[:, None, None, None]
-    background = torch.where(kind == 0, tint, torch.where(kind == 1, gradient, blotchy))
-    world = p(0.25)[:, None, None, None]
-    background = torch.where(world, layers.background[:, :, None, None].expand(n, 3, size, size), background)
-    images = composite(objects, background)
-
-    # brightness, contrast and saturation jitter (keeps hue: the colour label stays true)
-    jitter = p(0.8)[:, None, None, None]
-    brightness = _uniform(n, 0.7, 1.3, generator)[:, None, None, None]
-    contrast = _uniform(n, 0.7, 1.3, generator)[:, None, None, None]
-    saturation = _uniform(n, 0.6, 1.8, generator)[:, None, None, None]
-    jittered = images * brightness
-    jittered = jittered.mean((1, 2, 3), keepdim=True) + contrast * (jittered - jittered.mean((1, 2, 3), keepdim=True))
-    grey = jittered.mean(1, keepdim=True)
-    jittered = (grey + saturation * (jittered - grey)).clamp(0, 1)
-    images = torch.where(jitter, jittered, images)
-
-    blurred = _gaussian_blur(images, _uniform(n, 0.4, 1.3, generator))
-    images = torch.where(p(0.25)[:, None, None, None], blurred, images)
-    noise_std = torch.where(p(0.35), _uniform(n, 0.0, 0.15, generator), torch.zeros(n))
-    images = images + noise_std[:, None, None, None] * torch.randn(images.shape, generator=generator)
-    quality = torch.where(p(0.1), torch.randint(len(QUALITY_TAGS), (n,), generator=generator), torch.full((n,), -1))
-    return degrade(images.clamp(0, 1), quality, generator)
-
-
-# --- training -----------------------------------------------------------------------------------
-
-
 @dataclass
 class Accuracy:
     colour: float
     shape: float
+    """For non-primitives: the share called `other`."""
 
 
+@torch.no_grad()
 def accuracy(evaluator: Evaluator, images: Tensor, colour_label: Tensor, shape_label: Tensor, batch: int = 500) -> Accuracy:
-    """Share of `images` whose colour and shape the evaluator names right."""
-    prompts = [f"a {COLOUR_NAMES[c]} {SHAPES[s]}" for c, s in zip(colour_label.tolist(), shape_label.tolist())]
-    results = [evaluator.score(images[i : i + batch], prompts[i : i + batch]) for i in range(0, len(images), batch)]
-    colour = torch.cat([r.colour_correct for r in results]).float().mean()
-    shape = torch.cat([r.shape_correct for r in results]).float().mean()
-    return Accuracy(float(colour), float(shape))
-
-
-@dataclass
-class TrainConfig:
-    """Evaluator training run (recorded in `evaluator.json`)."""
-
-    steps: int = 2500
-    """Optimiser steps."""
-    batch: int = 64
-    """Images per step."""
-    lr: float = 3e-3
-    """Peak AdamW learning rate (one-cycle: warm-up then cosine decay)."""
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.05
-    pool: int = 8192
-    """Rendered scenes to draw training images from (each step augments them afresh)."""
-    validation: int = 1024
-    """Held-out scenes (own seed) for the accuracies in the config file."""
-    seed: int = 0
-    """Offsets every world seed and the augmentation generator."""
-    architecture: EvaluatorConfig = field(default_factory=EvaluatorConfig)
-
-
-def train(config: TrainConfig, cache_dir: Path | None = None) -> tuple[Evaluator, dict]:
-    """Train an evaluator from scratch; returns it (eval mode) and its record (accuracies, timing)."""
-    started = time.time()
-    torch.manual_seed(config.seed)
-    layers = None
-    cache = cache_dir / f"pool-{config.seed}-{config.pool}.pt" if cache_dir is not None else None
-    if cache is not None and cache.exists():
-        layers = Layers(**torch.load(cache))
-    if layers is None:
-        layers = render_objects(config.pool, TRAIN_SEED + 1000 * config.seed, progress=True)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(asdict(layers), cache.with_suffix(".tmp"))
-            os.replace(cache.with_suffix(".tmp"), cache)
-    rendered = time.time()
-
-    evaluator = Evaluator(config.architecture)
-    optimizer = torch.optim.AdamW(evaluator.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    warmup = max(1, config.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, config.steps - warmup)))
-    )
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    evaluator.train()
-    progress = tqdm(range(config.steps), desc="evaluator", mininterval=2)
-    running = None
-    for step in progress:
-        index = torch.randint(config.pool, (config.batch,), generator=generator)
-        batch = Layers(*(getattr(layers, f)[index] for f in Layers.__dataclass_fields__))
-        out = evaluator(augment(batch, generator))
-        loss = F.cross_entropy(out.colour_logits, batch.colour_label, label_smoothing=config.label_smoothing)
-        loss = loss + F.cross_entropy(out.shape_logits, batch.shape_label, label_smoothing=config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
-        if step % 50 == 0:
-            progress.set_postfix(loss=f"{running:.3f}")
-    evaluator.eval().requires_grad_(False)
-    trained = time.time()
-
-    held_out = held_out_images(config.validation, VALIDATION_SEED + 1000 * config.seed)
-    plain = accuracy(evaluator, held_out.plain, held_out.colour_label, held_out.shape_label)
-    tinted = accuracy(evaluator, held_out.tinted, held_out.colour_label, held_out.shape_label)
-    record = {
-        "validation": {"renders": config.validation, "plain": asdict(plain), "tinted": asdict(tinted)},
-        "wall_time_s": {"render": round(rendered - started, 1), "train": round(trained - rendered, 1)},
-        "torch_threads": torch.get_num_threads(),
-    }
-    return evaluator, record
-
-
-def save_evaluator(evaluator: Evaluator, path: Path, training: dict) -> None:
-    """Weights to `path` (safetensors), architecture and training record to `path` with `.json`."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    state = {k: v.contiguous() for k, v in evaluator.state_dict().items()}
-    save_file(state, str(path.with_suffix(".tmp")))
-    os.replace(path.with_suffix(".tmp"), path)
-    record = {"architecture": asdict(evaluator.config), "training": training}
-    path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m csd.toy.evaluator", description="Train the shapes-world evaluator.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("train", help="train from fresh renders and write the weights")
-    defaults = TrainConfig()
-    run.add_argument("--steps", type=int, default=defaults.steps)
-    run.add_argument("--batch", type=int, default=defaults.batch)
-    run.add_argument("--lr", type=float, default=defaults.lr)
-    run.add_argument("--pool", type=int, default=defaults.pool, help="rendered scenes to augment")
-    run.add_argument("--seed", type=int, default=defaults.seed)
-    run.add_argument("--threads", type=int, default=1, help="torch threads (the default leaves the other cores alone)")
-    run.add_argument("--out", type=Path, default=EVALUATOR_WEIGHTS)
-    run.add_argument("--cache-dir", type=Path, default=Path(".checkpoints/toy-evaluator"), help="keeps the rendered pool between runs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(args.threads)
-    config = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, pool=args.pool, seed=args.seed)
-    evaluator, record = train(config, args.cache_dir)
-    record = {"command": "python -m csd.toy.evaluator " + " ".join(sys.argv[1:] if argv is None else argv), "config": asdict(config), **record}
-    record["config"].pop("architecture")
-    save_evaluator(evaluator, args.out, record)
-    log.info("wrote %s; held-out accuracy %s", args.out, json.dumps(record["validation"]))
-
-
-if __name__ == "__main__":
-    main()
+    """Share of `images` whose colour and shape class (`shape_label` indexes `evaluator.config.shapes`,
+    so `other` counts as right for non-primitives) the evaluator names right."""
+    evaluator.eval()
+    outputs = [evaluator(evaluator.prepare(images[i : i + batch])) for i in range(0, len(images), batch)]
+    colour = torch.cat([o.colour_logits.argmax(1).cpu() for o in outputs]) == colour_label
+    shape = torch.cat([o.shape_logits.argmax(1).cpu() for o in outputs]) == shape_label
+    return Accuracy(float(colour.float().mean()), float(shape.float().mean()))

@@ -11,6 +11,7 @@ prompt means something to the toy prior.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +81,14 @@ def sample_scenes(n: int, config: WorldConfig, generator: torch.Generator) -> Sc
 
 def _sdf(points: Tensor, scenes: Scenes) -> Tensor:
     """Signed distances `(B, N)` of points `(B, N, 3)` to each batch element's primitive."""
-    r = scenes.radius[:, None]
-    cos, sin = torch.cos(scenes.yaw)[:, None], torch.sin(scenes.yaw)[:, None]
+    return primitive_sdf(points, scenes.shape, scenes.radius, scenes.yaw)
+
+
+def primitive_sdf(points: Tensor, shape: Tensor, radius: Tensor, yaw: Tensor) -> Tensor:
+    """Signed distances `(B, N)` of points `(B, N, 3)` to the primitive `shape` `(B,)` (index into
+    `SHAPES`) of bounding radius `radius` `(B,)`, turned by `yaw` `(B,)` about z, centred on the origin."""
+    r = radius[:, None]
+    cos, sin = torch.cos(yaw)[:, None], torch.sin(yaw)[:, None]
     x, y, z = points.unbind(-1)
     xr, yr = cos * x + sin * y, -sin * x + cos * y
     sphere = points.norm(dim=-1) - r
@@ -99,11 +106,17 @@ def _sdf(points: Tensor, scenes: Scenes) -> Tensor:
     major, minor = 0.68 * r, 0.32 * r  # torus lying in the xy-plane
     torus = torch.sqrt((rho - major) ** 2 + z * z) - minor
     stacked = torch.stack([sphere, cube, cone, torus], dim=0)  # (4, B, N)
-    return stacked.gather(0, scenes.shape[None, :, None].expand(1, *sphere.shape))[0]
+    return stacked.gather(0, shape[None, :, None].expand(1, *sphere.shape))[0]
 
 
-def _trace(scenes: Scenes, cameras: Cameras, config: WorldConfig) -> tuple[Tensor, Tensor]:
+def _trace(scenes: "Scenes | OtherScenes", cameras: Cameras, config: WorldConfig) -> tuple[Tensor, Tensor]:
     """Shaded object colour `(B, N, 3)` and hit mask `(B, N)` at the supersampled resolution."""
+    if isinstance(scenes, OtherScenes) and len(groups := (key := scenes.group()).unique()) > 1:
+        # one group at a time: each needs only some of the SDF's components and steps (`OtherScenes.sdf`)
+        parts = [(key == k).nonzero().flatten() for k in groups]
+        traced = [_trace(scenes.select(i), cameras[i], config) for i in parts]
+        order = torch.cat(parts).argsort()
+        return torch.cat([c for c, _ in traced])[order], torch.cat([h for _, h in traced])[order]
     size = config.resolution * config.supersample
     origins, directions = get_rays(cameras, size, size)
     batch = len(cameras)
@@ -113,15 +126,18 @@ def _trace(scenes: Scenes, cameras: Cameras, config: WorldConfig) -> tuple[Tenso
     c = (origins * origins).sum(-1) - BOUND**2
     disc = b * b - c
     t = (-b - torch.sqrt(disc.clamp(min=0))).clamp(min=0)
-    for _ in range(config.march_steps):
-        distance = _sdf(origins + t[..., None] * directions, scenes)
+    sdf = scenes.sdf if isinstance(scenes, OtherScenes) else partial(_sdf, scenes=scenes)
+    inexact = isinstance(scenes, OtherScenes) and bool((scenes.lipschitz < 1).any())
+    steps = config.march_steps * (OTHER_MARCH_FACTOR if inexact else 1)
+    for _ in range(steps):
+        distance = sdf(origins + t[..., None] * directions)
         t = t + 0.9 * distance.clamp(min=-0.05)
     points = origins + t[..., None] * directions
-    hit = (_sdf(points, scenes).abs() < 5e-3) & (disc > 0)
+    hit = (sdf(points).abs() < 5e-3) & (disc > 0)
     eps = 1e-3
     offsets = torch.eye(3) * eps
     normal = torch.stack(
-        [_sdf(points + o, scenes) - _sdf(points - o, scenes) for o in offsets], dim=-1
+        [sdf(points + o) - sdf(points - o) for o in offsets], dim=-1
     )
     normal = F.normalize(normal, dim=-1)
     to_light = F.normalize(cameras.light_position[:, None, :] - points, dim=-1)
@@ -132,7 +148,7 @@ def _trace(scenes: Scenes, cameras: Cameras, config: WorldConfig) -> tuple[Tenso
     return colour, hit
 
 
-def render(scenes: Scenes, cameras: Cameras, config: WorldConfig) -> Tensor:
+def render(scenes: "Scenes | OtherScenes", cameras: Cameras, config: WorldConfig) -> Tensor:
     """Images `(B, 3, R, R)` in [0, 1]."""
     size = config.resolution * config.supersample
     colour, hit = _trace(scenes, cameras, config)
@@ -141,7 +157,7 @@ def render(scenes: Scenes, cameras: Cameras, config: WorldConfig) -> Tensor:
     return F.avg_pool2d(image, config.supersample).clamp(0, 1)
 
 
-def render_layers(scenes: Scenes, cameras: Cameras, config: WorldConfig) -> tuple[Tensor, Tensor]:
+def render_layers(scenes: "Scenes | OtherScenes", cameras: Cameras, config: WorldConfig) -> tuple[Tensor, Tensor]:
     """The object alone, to composite over any background: premultiplied colour `(B, 3, R, R)` and
     coverage `alpha` `(B, 1, R, R)`, both in [0, 1]; `colour + (1 - alpha) * background` is the image."""
     size = config.resolution * config.supersample
@@ -223,3 +239,259 @@ def vocabulary() -> list[str]:
     words = ["a", ","] + list(COLOUR_NAMES) + list(SHAPES) + ["front", "side", "back", "overhead", "view"]
     words += ["noisy", "blurry", "oversaturated", "color", "low", "quality"]
     return words
+
+
+# --- non-primitives: what the world's objects are not ----------------------------------------------
+#
+# The toy evaluator must be able to say "none of the world's shapes" (issue 13): it is trained with an
+# extra `other` class made of these scenes. They are drawn, coloured, lit and rendered exactly like the
+# world's (same palette, backgrounds, cameras and sphere tracer); only the SDF differs. Nothing here
+# touches the primitives' code path, so the toy prior's training data is unchanged.
+
+OTHER_KINDS = ("stretched", "deformed", "union", "difference", "horns", "bumps", "blobby", "pair")
+"""Families of non-primitive scenes, drawn with equal probability."""
+OTHER_MARCH_FACTOR = 2
+"""Scenes whose distances are loose bounds (stretch, twist, noise: `lipschitz` < 1) get twice the tracing steps."""
+_FAR = 10.0  # distance of an absent component
+_HORNS, _BLOBS, _WAVES = 2, 4, 4
+
+
+@dataclass
+class OtherScenes:
+    """A batch of non-primitive scenes: a first part (`base`'s shape, radius and yaw, moved to `centre`,
+    scaled per axis by `stretch`, tapered and twisted along z) combined with an optional second primitive,
+    horns (tapered capsules), blobs and a wave displacement. `base` also holds colour, lighting and
+    background, drawn as for the world's own scenes. `kind` `(B,)` indexes `OTHER_KINDS`."""
+
+    base: Scenes
+    kind: Tensor
+    centre: Tensor  # (B, 3)
+    stretch: Tensor  # (B, 3)
+    taper: Tensor  # (B,) x, y scaled by 1 + taper · z
+    twist: Tensor  # (B,) radians per unit of z
+    second_mode: Tensor  # (B,) 0 none, 1 union, 2 difference
+    second_shape: Tensor  # (B,)
+    second_radius: Tensor  # (B,)
+    second_yaw: Tensor  # (B,)
+    second_centre: Tensor  # (B, 3)
+    horn_base: Tensor  # (B, K, 3)
+    horn_tip: Tensor  # (B, K, 3)
+    horn_radius: Tensor  # (B, K) radius at the base (the tip's is a fifth of it)
+    horn_on: Tensor  # (B, K) bool
+    blob_centre: Tensor  # (B, K, 3)
+    blob_radius: Tensor  # (B, K)
+    blob_on: Tensor  # (B, K) bool
+    blobs_only: Tensor  # (B,) bool: the blobs replace the first part (metaballs)
+    wave_frequency: Tensor  # (B, W, 3)
+    wave_phase: Tensor  # (B, W)
+    wave_amplitude: Tensor  # (B, W)
+    lipschitz: Tensor  # (B,) distances are multiplied by this (≤ 1) to stay a bound
+
+    @property
+    def colour(self) -> Tensor:
+        return self.base.colour
+
+    @property
+    def albedo(self) -> Tensor:
+        return self.base.albedo
+
+    @property
+    def background(self) -> Tensor:
+        return self.base.background
+
+    @property
+    def ambient(self) -> Tensor:
+        return self.base.ambient
+
+    def select(self, index: Tensor) -> "OtherScenes":
+        """The scenes at `index` `(K,)`."""
+        fields = {f: getattr(self, f)[index] for f in self.__dataclass_fields__ if f != "base"}
+        base = Scenes(*(getattr(self.base, f)[index] for f in Scenes.__dataclass_fields__))
+        return OtherScenes(base=base, **fields)
+
+    def group(self) -> Tensor:
+        """`(B,)` keys of scenes that share SDF components and tracing steps (kind, metaballs, loose bound)."""
+        return self.kind * 4 + self.blobs_only.long() * 2 + (self.lipschitz < 1).long()
+
+    def first_part(self, points: Tensor) -> Tensor:
+        """Distances `(B, N)` (in the part's own, undeformed units) to the first part."""
+        q = points - self.centre[:, None, :]
+        x, y, z = q.unbind(-1)
+        angle = self.twist[:, None] * z
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        x, y = cos * x - sin * y, sin * x + cos * y
+        scale = (1 + self.taper[:, None] * z).clamp(min=0.2)
+        q = torch.stack([x / scale, y / scale, z], -1) / self.stretch[:, None, :]
+        return primitive_sdf(q, self.base.shape, self.base.radius, self.base.yaw)
+
+    def sdf(self, points: Tensor) -> Tensor:
+        """Distance bounds `(B, N)` of points `(B, N, 3)` to each scene's surface."""
+        # rays that miss run off geometrically (t grows ~1.9× a step); squared coordinates would overflow.
+        # Clamping to a box around the objects keeps a bound: projecting onto a convex set is non-expansive.
+        points = points.clamp(-4 * BOUND, 4 * BOUND)
+        # components no scene of the batch has are skipped (`_trace` renders one group at a time)
+        d = self.first_part(points) if not self.blobs_only.all() else None
+        if self.wave_amplitude.any():
+            phase = torch.einsum("bnc,bwc->bnw", points, self.wave_frequency) + self.wave_phase[:, None, :]
+            d = d - (self.wave_amplitude[:, None, :] * torch.sin(phase)).sum(-1)
+        if self.blob_on.any():
+            blobs = (points[:, :, None, :] - self.blob_centre[:, None]).norm(dim=-1) - self.blob_radius[:, None]
+            blobs = torch.where(self.blob_on[:, None], blobs, torch.full_like(blobs, _FAR))
+            metaballs = blobs[..., 0]
+            for k in range(1, blobs.shape[-1]):
+                metaballs = _smooth_min(metaballs, blobs[..., k], 0.15)
+            if d is None:
+                d = metaballs
+            else:
+                bumped = d
+                for k in range(blobs.shape[-1]):
+                    bumped = _smooth_min(bumped, blobs[..., k], 0.04)
+                d = torch.where(self.blobs_only[:, None], metaballs, bumped)
+        if (self.second_mode > 0).any():
+            second = primitive_sdf(points - self.second_centre[:, None, :], self.second_shape, self.second_radius, self.second_yaw)
+            mode = self.second_mode[:, None]
+            d = torch.where(mode == 1, torch.minimum(d, second), torch.where(mode == 2, torch.maximum(d, -second), d))
+        if self.horn_on.any():
+            horns = _round_cone(points, self.horn_base, self.horn_tip, self.horn_radius, self.horn_radius / 5)
+            horns = torch.where(self.horn_on[:, None], horns, torch.full_like(horns, _FAR))
+            d = torch.minimum(d, horns.min(-1).values)
+        return d * self.lipschitz[:, None]
+
+
+def _smooth_min(a: Tensor, b: Tensor, k: float) -> Tensor:
+    """Polynomial smooth minimum (Quílez, "smooth minimum"): blends the two surfaces over width `k`."""
+    h = (0.5 + 0.5 * (b - a) / k).clamp(0, 1)
+    return b + (a - b) * h - k * h * (1 - h)
+
+
+def _round_cone(points: Tensor, a: Tensor, b: Tensor, r1: Tensor, r2: Tensor) -> Tensor:
+    """Distances `(B, N, K)` of points `(B, N, 3)` to K round cones per scene from `a` `(B, K, 3)` (radius
+    `r1` `(B, K)`) to `b` (radius `r2`): the exact SDF of Quílez's `sdRoundCone`."""
+    ba = (b - a)[:, None]  # (B, 1, K, 3)
+    l2 = (ba * ba).sum(-1)
+    rr = (r1 - r2)[:, None]
+    a2 = l2 - rr * rr
+    pa = points[:, :, None, :] - a[:, None]
+    y = (pa * ba).sum(-1)
+    z = y - l2
+    x2 = (pa * l2[..., None] - ba * y[..., None]).pow(2).sum(-1)
+    y2, z2 = y * y * l2, z * z * l2
+    k = torch.sign(rr) * rr * rr * x2
+    r1, r2 = r1[:, None], r2[:, None]
+    tip = torch.sqrt(x2 + z2) / l2 - r2
+    foot = torch.sqrt(x2 + y2) / l2 - r1
+    side = (torch.sqrt((x2 * a2 / l2).clamp(min=0)) + y * rr) / l2 - r1
+    return torch.where(torch.sign(z) * a2 * z2 > k, tip, torch.where(torch.sign(y) * a2 * y2 < k, foot, side))
+
+
+def _directions(n: int, generator: torch.Generator, elevation: tuple[float, float], k: int = 1) -> Tensor:
+    """`(n, k, 3)` unit vectors, azimuth uniform, elevation uniform in degrees."""
+    azimuth = 2 * torch.pi * torch.rand(n, k, generator=generator)
+    low, high = elevation
+    theta = torch.deg2rad(low + (high - low) * torch.rand(n, k, generator=generator))
+    return torch.stack([torch.cos(theta) * torch.cos(azimuth), torch.cos(theta) * torch.sin(azimuth), torch.sin(theta)], -1)
+
+
+def _outer_surface(scenes: OtherScenes, directions: Tensor, samples: int = 64) -> Tensor:
+    """Distance `(B, K)` from the origin, along `directions` `(B, K, 3)`, of the first part's outermost surface."""
+    t = torch.linspace(0.0, BOUND, samples)
+    b, k, _ = directions.shape
+    points = (directions[:, :, None, :] * t[:, None]).reshape(b, k * samples, 3)
+    inside = (scenes.first_part(points) < 0).reshape(b, k, samples)
+    last = torch.where(inside, t, torch.zeros(())).max(-1).values
+    return torch.where(inside.any(-1), last, scenes.base.radius[:, None].expand(b, k))
+
+
+def sample_other_scenes(n: int, config: WorldConfig, generator: torch.Generator) -> OtherScenes:
+    """`n` non-primitive scenes, `n // len(OTHER_KINDS)` or so of each kind, everything inside `BOUND`."""
+    base = sample_scenes(n, config, generator)
+    u = lambda low, high, *shape: low + (high - low) * torch.rand(*(shape or (n,)), generator=generator)  # noqa: E731
+    kind = torch.randint(len(OTHER_KINDS), (n,), generator=generator)
+    is_ = {name: kind == i for i, name in enumerate(OTHER_KINDS)}
+    zeros3 = torch.zeros(n, 3)
+    scenes = OtherScenes(
+        base=base, kind=kind, centre=zeros3.clone(), stretch=torch.ones(n, 3), taper=torch.zeros(n), twist=torch.zeros(n),
+        second_mode=torch.zeros(n, dtype=torch.long), second_shape=torch.randint(len(SHAPES), (n,), generator=generator),
+        second_radius=u(0.25, 0.4), second_yaw=u(0, torch.pi / 2), second_centre=zeros3.clone(),
+        horn_base=torch.zeros(n, _HORNS, 3), horn_tip=torch.ones(n, _HORNS, 3), horn_radius=u(0.08, 0.14, n, _HORNS),
+        horn_on=torch.zeros(n, _HORNS, dtype=torch.bool), blob_centre=torch.zeros(n, _BLOBS, 3),
+        blob_radius=torch.ones(n, _BLOBS), blob_on=torch.zeros(n, _BLOBS, dtype=torch.bool),
+        blobs_only=torch.zeros(n, dtype=torch.bool), wave_frequency=torch.zeros(n, _WAVES, 3),
+        wave_phase=u(0, 2 * torch.pi, n, _WAVES), wave_amplitude=torch.zeros(n, _WAVES), lipschitz=torch.ones(n),
+    )
+
+    # stretched: one axis ×1.6–2 or ×0.4–0.55; horns: a third are stretched upright (the demo's "vase")
+    axis = torch.randint(3, (n,), generator=generator)
+    factor = torch.where(torch.rand(n, generator=generator) < 0.5, u(1.6, 2.0), u(0.4, 0.55))
+    upright = is_["horns"] & (torch.rand(n, generator=generator) < 0.35)
+    axis = torch.where(upright, torch.full_like(axis, 2), axis)
+    factor = torch.where(upright, u(1.4, 1.8), factor)
+    stretched = is_["stretched"] | upright
+    scenes.stretch[stretched, axis[stretched]] = factor[stretched]
+    # deformed: a cube, sphere or torus tapered along z (a frustum, an egg), cubes also twisted
+    deformed = is_["deformed"]
+    base.shape[deformed] = torch.tensor([0, 1, 1, 3])[torch.randint(4, (n,), generator=generator)][deformed]
+    scenes.taper[deformed] = (torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) * u(0.7, 1.1))[deformed]
+    scenes.twist[deformed] = torch.where(base.shape == 1, u(1.2, 2.0), torch.zeros(n))[deformed]
+    # sizes: the stretched and combined objects get smaller first parts so that all stays inside BOUND
+    base.radius[:] = torch.where(is_["horns"] | is_["bumps"] | is_["union"], u(0.42, 0.55), base.radius)
+    base.radius[:] = torch.where(stretched, u(0.38, 0.5), base.radius)
+    base.radius[:] = torch.where(is_["pair"], u(0.28, 0.4), base.radius)
+    base.radius[:] = torch.where(is_["blobby"], u(0.45, 0.6), base.radius)
+    # a part squeezed by s < 1 has distances up to 1/s too long; taper and twist bend space by up to ~1/0.6
+    squeeze = scenes.stretch.min(-1).values.clamp(max=1)
+    scenes.lipschitz[:] = torch.where(stretched, squeeze, torch.where(deformed, torch.full((n,), 0.6), scenes.lipschitz))
+
+    # union: a second, smaller primitive centred on the first's surface; difference: a bite out of it
+    # from above or the side (the cameras look from -10° to 45° elevation, so the bite shows)
+    direction = _directions(n, generator, (0.0, 60.0))[:, 0]
+    bite = _directions(n, generator, (15.0, 75.0))[:, 0]
+    direction = torch.where(is_["difference"][:, None], bite, direction)
+    surface = _outer_surface(scenes, direction[:, None])[:, 0]
+    combined = is_["union"] | is_["difference"]
+    scenes.second_mode[is_["union"]] = 1
+    scenes.second_mode[is_["difference"]] = 2
+    scenes.second_shape[:] = torch.where(is_["difference"], torch.randint(2, (n,), generator=generator), scenes.second_shape)
+    scenes.second_radius[:] = torch.where(is_["difference"], u(0.3, 0.45) * base.radius / 0.5, scenes.second_radius)
+    scenes.second_centre[combined] = (direction * surface[:, None])[combined]
+    # pair: two small primitives side by side (a gap of 0.05–0.2), one a little higher than the other
+    side = _directions(n, generator, (-10.0, 10.0))[:, 0]
+    scenes.second_radius[:] = torch.where(is_["pair"], u(0.28, 0.4), scenes.second_radius)
+    half = (base.radius + scenes.second_radius + u(0.05, 0.2)) / 2
+    lift = u(-0.15, 0.15)
+    pair = is_["pair"]
+    scenes.centre[pair] = (-side * half[:, None] + torch.stack([zeros3[:, 0], zeros3[:, 1], lift], -1))[pair]
+    scenes.second_centre[pair] = (side * half[:, None] - torch.stack([zeros3[:, 0], zeros3[:, 1], lift], -1))[pair]
+    scenes.second_mode[pair] = 1
+
+    # horns: one or two tapered capsules out of the side, 0.25–0.45 long, tips inside BOUND
+    horns = _directions(n, generator, (-10.0, 40.0), _HORNS)
+    surface = _outer_surface(scenes, horns)
+    length = u(0.25, 0.45, n, _HORNS)
+    scenes.horn_base[:] = horns * (0.8 * surface)[..., None]
+    scenes.horn_tip[:] = horns * (surface + length).clamp(max=0.95 * BOUND)[..., None]
+    scenes.horn_on[:] = is_["horns"][:, None] & torch.tensor([True, False]) | (
+        is_["horns"][:, None] & (torch.rand(n, _HORNS, generator=generator) < 0.5)
+    )
+    # bumps: 2–4 balls of radius 0.12–0.2 on the surface; blobby: 3–4 metaballs, or a sphere under waves
+    spots = _directions(n, generator, (-10.0, 70.0), _BLOBS)
+    surface = _outer_surface(scenes, spots)
+    count = torch.randint(2, _BLOBS + 1, (n, 1), generator=generator)
+    bumps = is_["bumps"][:, None] & (torch.arange(_BLOBS) < count)
+    metaball = is_["blobby"] & (torch.rand(n, generator=generator) < 0.5)
+    balls = metaball[:, None] & (torch.arange(_BLOBS) < count.clamp(min=3))
+    inner = _directions(n, generator, (-60.0, 60.0), _BLOBS) * u(0.15, 0.4, n, _BLOBS)[..., None]
+    scenes.blob_centre[:] = torch.where(balls[..., None], inner, spots * surface[..., None])
+    scenes.blob_radius[:] = torch.where(balls, u(0.2, 0.32, n, _BLOBS), u(0.12, 0.2, n, _BLOBS))
+    scenes.blob_on[:] = bumps | balls
+    scenes.blobs_only[:] = metaball
+    waves = is_["blobby"] & ~metaball
+    base.shape[waves] = 0
+    base.radius[waves] = u(0.5, 0.62)[waves]
+    frequency = _directions(n, generator, (-90.0, 90.0), _WAVES) * u(3.0, 6.0, n, _WAVES)[..., None]
+    amplitude = u(0.04, 0.09, n, _WAVES)
+    scenes.wave_frequency[waves] = frequency[waves]
+    scenes.wave_amplitude[waves] = amplitude[waves]
+    gain = (amplitude * frequency.norm(dim=-1)).sum(-1)
+    scenes.lipschitz[:] = torch.where(waves, 1 / (1 + gain), scenes.lipschitz)
+    return scenes

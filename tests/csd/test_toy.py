@@ -107,7 +107,7 @@ def test_evaluator_scores_fresh_renders():
     batch = sample_batch(64, seed=UNSEEN_SEED)
     prompts = [f"a {COLOUR_NAMES[c]} {SHAPES[s]}, side view" for c, s in zip(batch.scenes.colour, batch.scenes.shape)]
     result = evaluator.score(batch.images, prompts)
-    assert result.colour_probs.shape == (64, len(COLOUR_NAMES)) and result.shape_probs.shape == (64, len(SHAPES))
+    assert result.colour_probs.shape == (64, len(COLOUR_NAMES)) and result.shape_probs.shape == (64, len(SHAPES) + 1)  # + other
     assert torch.allclose(result.colour_probs.sum(1), torch.ones(64), atol=1e-5)
     assert result.colour_fraction >= 0.95 and result.shape_fraction >= 0.95
     assert result.colour_correct.dtype == torch.bool and result.correct.shape == (64,)
