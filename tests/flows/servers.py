@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -86,6 +89,71 @@ def kill_tree(process: subprocess.Popen) -> list[int]:
     return pids
 
 
+def postgres_bin() -> Path:
+    """The directory of the PostgreSQL server binaries: Debian's package puts them under
+    /usr/lib/postgresql/<version>/bin (not on PATH); elsewhere `initdb` on PATH."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    if versions:
+        return versions[-1].parent
+    found = shutil.which("initdb")
+    if found is None:
+        raise RuntimeError("PostgreSQL is not installed: no /usr/lib/postgresql/*/bin/initdb and no initdb on PATH "
+                           "(bash scripts/setup.sh installs the Debian package `postgresql` when run as root)")
+    return Path(found).resolve().parent
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster (in `root`, or as root in its own temp directory) on 127.0.0.1 (trust authentication, loopback only) with
+    one database, for the Prefect server as the README deploys it. initdb refuses to run as root, so as
+    root the cluster belongs to the `postgres` user of the Debian package. Every failure raises with
+    the command's output: the test then fails with the reason."""
+
+    def __init__(self, root: Path, database: str = "prefect"):
+        self.bin, self.data, self.port, self.database = postgres_bin(), root / "pgdata", free_port(), database
+        self.log = root / "postgres.log"
+        self.user = None  # run as ourselves
+        if os.geteuid() == 0:
+            try:
+                self.user = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError("running as root and there is no `postgres` user to own the cluster") from None
+        self.role = self.user.pw_name if self.user else pwd.getpwuid(os.geteuid()).pw_name
+        self.url = f"postgresql+asyncpg://{self.role}@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *args: str, timeout: float = 120) -> None:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if self.user:
+            command = ["runuser", "-u", self.user.pw_name, "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            log = self.log.read_text() if self.log.exists() else ""
+            raise RuntimeError(f"PostgreSQL: {' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n{log}")
+
+    def start(self) -> str:
+        """initdb, pg_ctl start, createdb; returns the SQLAlchemy URL Prefect takes."""
+        if self.user:
+            # the postgres user cannot enter root's 0700 pytest directories: the cluster lives in its own
+            # directory under the system temp dir, owned by that user, and is deleted by `stop`
+            self.data = Path(tempfile.mkdtemp(prefix="csd-asset-pg-"))
+            self.log = self.data.with_name(self.data.name + ".log")
+            self.log.touch()
+            for path in (self.data, self.log):
+                os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.role, "-E", "UTF8", "--no-sync")
+        # loopback only, no Unix socket in /var/run (another cluster may own it), fsync off: a test database
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.data} -c fsync=off -c max_connections=200"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.role, self.database)
+        return self.url
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.data, ignore_errors=True)
+        if self.user:
+            self.log.unlink(missing_ok=True)
+
+
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -110,7 +178,9 @@ class Cluster:
     server`, an `mlflow server` (SQLite backend, proxied artifacts), the `csd-gpu` process pool with
     this repository's deployments and automations; then `start_worker` for each worker."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, database_url: str | None = None):
+        """`database_url`: the Prefect server's database (a `postgresql+asyncpg://` URL, as the README
+        deploys it for many workers); by default a SQLite file under `root`."""
         self.root = root
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs = []
@@ -118,7 +188,7 @@ class Cluster:
         self.api = f"http://127.0.0.1:{self.prefect_port}/api"
         self.mlflow_uri = f"http://127.0.0.1:{self.mlflow_port}"
         self.env = {**os.environ, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
+                    "PREFECT_API_DATABASE_CONNECTION_URL": database_url or f"sqlite+aiosqlite:///{root / 'prefect.db'}",
                     "PREFECT_WORKER_QUERY_SECONDS": "2", "MLFLOW_TRACKING_URI": self.mlflow_uri,
                     "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
         for name in ("PREFECT_API_URL", "CSD_ASSET_FAIL_STAGE"):

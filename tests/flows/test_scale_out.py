@@ -1,4 +1,5 @@
-"""Scale-out on one machine, loopback only: a `prefect server`, an `mlflow server` (SQLite backend,
+"""Scale-out on one machine, loopback only: a `prefect server` on PostgreSQL (a throwaway cluster on
+127.0.0.1, as the README deploys it for many workers), an `mlflow server` (SQLite backend,
 proxied artifacts), the `csd-gpu` pool with a batch worker on queue `batch` and two asset workers
 (`--limit 1`, one per "GPU") on queue `assets`, and the crash automation of `automations.yaml`.
 Each worker has its own working copy for output roots in object storage (a moto S3 server), as
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import trimesh
 from mlflow import MlflowClient
-from servers import ROOT, Cluster, kill_tree, stop
+from servers import ROOT, Cluster, Postgres, kill_tree, stop
 
 from flows.pipeline import AssetRecord
 
@@ -40,9 +41,12 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     (root / "meshes").mkdir()
     shutil.copy(ROOT / "catalogs" / "meshes" / "cube.obj", root / "meshes" / "cube.obj")
-    cluster = Cluster(root)
+    # no skip when PostgreSQL is missing or does not start: the error (with initdb's / pg_ctl's output) fails the tests
+    postgres = Postgres(root)
+    cluster = Cluster(root, database_url=postgres.url)
     patch = pytest.MonkeyPatch()
     try:
+        postgres.start()
         for key, value in cluster.start_s3(BUCKET).items():
             patch.setenv(key, value)  # this process reads the bucket too
         cluster.start_services(crash_after_s=CRASH_AFTER_S)
@@ -53,6 +57,7 @@ def cluster(tmp_path_factory):
     finally:
         cluster.close()
         patch.undo()
+        postgres.stop()
 
 
 def _catalog(root: Path, name: str, rows: list[str]) -> str:
@@ -68,6 +73,22 @@ def _params(cluster: Cluster, catalog: str, out: str, tiny: dict, **extra) -> di
 
 def _record(out: Path, asset_id: str) -> dict:
     return json.loads((out / asset_id / "asset.json").read_text())
+
+
+def _psql(cluster: Cluster, query: str) -> list[tuple]:
+    """Rows of `query` on the Prefect server's PostgreSQL database."""
+    import asyncio
+
+    import asyncpg
+
+    async def fetch():
+        connection = await asyncpg.connect(cluster.env["PREFECT_API_DATABASE_CONNECTION_URL"].replace("+asyncpg", ""))
+        try:
+            return [tuple(row) for row in await connection.fetch(query)]
+        finally:
+            await connection.close()
+
+    return asyncio.run(fetch())
 
 
 def _glb_loads(path: Path) -> bool:
@@ -94,6 +115,9 @@ def test_a_batch_is_shared_by_both_workers_and_logged_to_the_mlflow_server(clust
     asset_runs = cluster.asset_runs(batch_id)
     assert sorted(r.name for r in asset_runs) == sorted(records)
     assert all(r.state.is_completed() for r in asset_runs)
+    # and they are rows in PostgreSQL: the server ran on the database it was given, not a SQLite fallback
+    assert {row[0] for row in _psql(cluster, f"SELECT name FROM flow_run WHERE name IN ({', '.join(repr(a) for a in records)})")} == set(records)
+    assert not (cluster.root / "prefect.db").exists() and not (cluster.root / "prefect-home" / "prefect.db").exists()
     assert {int(r.infrastructure_pid.rsplit(":", 1)[-1]) for r in asset_runs} == {r["worker"]["pid"] for r in records.values()}
     for asset_id in records:
         assert _glb_loads(out / asset_id / "export" / "asset.glb")
