@@ -146,17 +146,20 @@ def status(args: argparse.Namespace) -> int:
 def _print_outputs(out: str, asset_ids: list[str]) -> None:
     from flows.pipeline import AssetRecord
     from flows.store import open_store
-    from flows.tracking import tracking_uri
+    from flows.tracking import experiment_link, tracking_uri
 
     store = open_store(out)
+    experiment_id = None
     for asset_id in asset_ids:
         record = AssetRecord.load(store, asset_id)
+        experiment_id = (record.tracking.get("experiment_id") if record else None) or experiment_id
         done = [name for name, entry in (record.stages if record else {}).items() if entry.get("status") in ("ran", "reused")]
         glbs = store.glob(f"{asset_id}/{done[-1]}/*.glb") if done else []
         print(f"{asset_id}: {store.path(glbs[0]) if glbs else (store.path(f'{asset_id}/{done[-1]}') if done else 'nothing finished')}")
     uri = tracking_uri(store.local)
-    review = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
-    print(f"MLflow: {uri}\n  review with: {review}")
+    server = "http://127.0.0.1:5000" if uri.startswith("sqlite") else uri
+    review = f"mlflow ui --backend-store-uri {uri} --port 5000, then " if uri.startswith("sqlite") else ""
+    print(f"MLflow: {uri}\n  review with: {review}open {experiment_link(server, experiment_id)}")
 
 
 def run(args: argparse.Namespace) -> int:

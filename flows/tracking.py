@@ -91,6 +91,16 @@ def code_version() -> str:
         return "unknown"
 
 
+# MLflow 3.17's UI picks its page type from the link's `workflowType` (else the browser's last choice,
+# else GenAI traces): without it our runs open under "Evaluations" (tests/flows/test_mlflow_ui.py)
+RUNS_VIEW = "?workflowType=machine_learning"
+
+
+def experiment_link(server: str, experiment_id: str | None) -> str:
+    """The experiment's runs table on an MLflow server (or `mlflow ui`) at `server`."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}{RUNS_VIEW}"
+
+
 def run_link(uri: str, experiment_id: str | None, run_id: str | None) -> str:
     """A browser link for a run on an MLflow server, else the run id (open it with `mlflow ui`)."""
     if not run_id:
@@ -98,7 +108,7 @@ def run_link(uri: str, experiment_id: str | None, run_id: str | None) -> str:
     if run_id.startswith(PENDING):
         return f"{run_id} (in the tracking spool, not uploaded yet)"
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}{RUNS_VIEW}"
     return run_id
 
 

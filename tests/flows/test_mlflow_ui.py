@@ -21,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 from servers import ROOT, free_port, stop, wait_healthy
 
-from flows.tracking import EXPERIMENT_TAGS, Tracker
+from flows.tracking import EXPERIMENT_TAGS, Tracker, experiment_link
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def test_the_experiment_page_lands_on_the_batch_runs_table(ui, tmp_path):
     bare = _load(chromium, f"{base}/#/experiments/{experiment_id}", tmp_path / "profile-bare", out / "mlflow-ui-bare.png")
     assert GENAI_OVERVIEW in bare and BATCH not in bare, "MLflow changed how it picks the experiment page: revisit this test"
 
-    runs = _load(chromium, f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning", tmp_path / "profile-runs",
+    runs = _load(chromium, experiment_link(base, experiment_id), tmp_path / "profile-runs",
                  out / "mlflow-ui-runs.png")
     assert BATCH in runs and RUNS_TABLE in runs, runs[-3000:]
     assert GENAI_OVERVIEW not in runs
