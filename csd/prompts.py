@@ -97,9 +97,14 @@ class PromptEmbeddings:
     perp_neg_weights: Tensor | None = None
 
 
-def default_cache_dir() -> Path:
+def cache_root() -> Path:
+    """The project's cache: `$CSD_ASSET_CACHE`, else `$XDG_CACHE_HOME/csd-asset` (`~/.cache/csd-asset`)."""
     root = os.environ.get("CSD_ASSET_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "csd-asset")
-    return Path(root) / "text-embeddings"
+    return Path(root)
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "text-embeddings"
 
 
 class TextEmbeddingCache:

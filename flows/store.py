@@ -76,9 +76,10 @@ def default_work_dir(url: str) -> Path:
     """Where this machine keeps its working copy of the remote root `url`."""
     if os.environ.get("CSD_ASSET_WORK_DIR"):
         return Path(os.environ["CSD_ASSET_WORK_DIR"])
-    cache = os.environ.get("CSD_ASSET_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "csd-asset")
+    from csd.prompts import cache_root
+
     name = url.rstrip("/").rsplit("/", 1)[-1] or "root"
-    return Path(cache) / "stores" / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    return cache_root() / "stores" / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from csd.models import SHORT_NAMES, ModelConfig, resolve_model_path
+from csd.prompts import cache_root
 from stages.common import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 """The folder holding the `csd` and `stages` packages (the repository, or site-packages)."""
 CODE_PACKAGES = ("csd", "stages")
 """Packages whose modules count as a stage's code; third-party libraries are pinned by the environment."""
-
-
-def cache_root() -> Path:
-    """`$CSD_ASSET_CACHE`, else `$XDG_CACHE_HOME/csd-asset` (`~/.cache/csd-asset`)."""
-    root = os.environ.get("CSD_ASSET_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "csd-asset")
-    return Path(root)
 
 
 class _DigestCache:
