@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import logging
 import os
@@ -99,6 +100,8 @@ def config(args: argparse.Namespace) -> int:
             entry["guidance_resolved"] = dataclasses.asdict(guidance_config(method, **overrides))
         return entry
 
+    if args.catalog is None:
+        return _config_without_catalog(args)
     plans = _check_catalog(args, [args.asset] if args.asset else None)
     if plans is None:
         return 1
@@ -114,6 +117,32 @@ def config(args: argparse.Namespace) -> int:
         }
         sys.stdout.write("---\n" + yaml.safe_dump(document, sort_keys=False, width=120, default_flow_style=None))
     return 0
+
+
+PLACEHOLDER_PROMPT = "a red cube"
+"""The prompt of `csd-asset config --preset P` without a catalog: a toy-world prompt, valid for every preset."""
+
+
+def _config_without_catalog(args: argparse.Namespace) -> int:
+    """`config` for one row `example,<--prompt>` under `--preset`: a one-row catalog planned the same way."""
+    import tempfile
+
+    from stages.config import ConfigError, load_preset
+
+    if args.asset:
+        print("config: --asset needs a catalog", file=sys.stderr)
+        return 2
+    try:
+        load_preset(args.preset)
+    except ConfigError as error:
+        print(f"config: --preset: {error}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="csd-asset-config-") as folder:
+        catalog = Path(folder) / "example.csv"
+        with catalog.open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerow(["asset_id", "prompt"])
+            csv.writer(handle).writerow(["example", args.prompt or PLACEHOLDER_PROMPT])
+        return config(argparse.Namespace(**{**vars(args), "catalog": catalog}))
 
 
 def _print_status(out: str, only: list[str] | None = None) -> None:
@@ -273,8 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="report torch/CUDA/nvdiffrast availability and model caches").set_defaults(func=doctor)
 
-    def common(command: argparse.ArgumentParser, catalog_required: bool = True) -> None:
-        if catalog_required:
+    def common(command: argparse.ArgumentParser, catalog_required: bool = True, catalog_optional: bool = False) -> None:
+        if catalog_optional:
+            command.add_argument("catalog", type=Path, nargs="?",
+                                 help="CSV catalog (schema: catalogs/README.md); without it, one row "
+                                      f"'example' with --prompt (default {PLACEHOLDER_PROMPT!r}) under --preset")
+        elif catalog_required:
             command.add_argument("catalog", type=Path, help="CSV catalog (schema: catalogs/README.md)")
         command.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset for rows without a preset column (default {DEFAULT_PRESET})")
         command.add_argument("--out", default="out", help=OUT_HELP)
@@ -312,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(func=validate)
 
     command = sub.add_parser("config", help="print the fully resolved config of each planned stage as YAML; runs nothing")
-    common(command)
+    common(command, catalog_optional=True)
+    command.add_argument("--prompt", help=f"the prompt of the one-row plan when no catalog is given (default {PLACEHOLDER_PROMPT!r})")
     command.add_argument("--asset", metavar="ID", help="only this asset id")
     command.add_argument("--stage", choices=STAGE_NAMES, help="only this stage")
     command.set_defaults(func=config)

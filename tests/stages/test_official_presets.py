@@ -167,3 +167,16 @@ def test_config_command_prints_what_run_would_use(tmp_path, capsys):
         assert nerf["guidance_resolved"]["max_step_percent"] == [5000, 0.98, 0.5, 5001]
     assert documents[1]["stages"]["nerf"]["config"]["steps"] == 77 and documents[1]["stages"]["nerf"]["config"]["batch_size"] == 4
     assert main(["config", str(catalog), "--out", str(tmp_path / "out"), "--asset", "nope"]) == 1
+
+
+def test_config_without_a_catalog_plans_one_placeholder_row(tmp_path, capsys):
+    assert main(["config", "--preset", "if-gpu-object", "--prompt", "a lamp", "--out", str(tmp_path / "out"),
+                 "--set", "nerf.steps=77"]) == 0
+    (document,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert document["asset"] == "example" and document["preset"] == "if-gpu-object"
+    assert list(document["stages"]) == ["nerf", "mesh", "uv", "texture", "export"]
+    nerf = document["stages"]["nerf"]
+    assert nerf["config"]["prompt"] == "a lamp" and nerf["config"]["steps"] == 77
+    assert nerf["config"]["view_thresholds"] == {"front": 30.0, "back": 30.0, "overhead": 60.0}
+    assert main(["config", "--preset", "fancy"]) == 2
+    assert "unknown preset 'fancy'" in capsys.readouterr().err
