@@ -108,7 +108,8 @@ GUIDANCE_PRESETS: dict[str, dict[str, Any]] = {
         grad_normalize="batch",
     ),
     # official csd-sd-refine.yaml: negative_scale [0, -1, -0.5, 10000], null_scale [0, 0, -0.5, 10000],
-    # w(t) = 1 - alphas_cumprod, t in [0.02, 0.5]
+    # w(t) = 1 - alphas_cumprod, hard-coded in stable-diffusion-triple-guidance's compute_grad_sds (the
+    # refine configs set no weighting), no normalisation (its grad_normalize defaults to False), t in [0.02, 0.5]
     "csd-refine": dict(
         prompt_scale=1.0,
         negative_scale=[0, -1.0, -0.5, 10000],

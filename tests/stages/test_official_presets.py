@@ -80,7 +80,7 @@ REFINE = [  # configs/csd-sd-refine.yaml (guidance and cameras; our texture stag
     ("texture.guidance.noise_scale", 0.0, "csd-sd-refine.yaml:84"),
     ("texture.guidance.min_step_percent", 0.02, "csd-sd-refine.yaml:79"),
     ("texture.guidance.max_step_percent", 0.5, "csd-sd-refine.yaml:80"),
-    ("texture.guidance.weighting", "sds", "stable_diffusion_triple_guidance.py weighting_strategy default"),
+    ("texture.guidance.weighting", "sds", "stable_diffusion_triple_guidance.py compute_grad_sds: w = 1 - alphas[t], hard-coded"),
     ("texture.guidance.grad_normalize", False, "csd-sd-refine.yaml (none)"),
     ("texture.negative_prompt", NEG, "csd-sd-refine.yaml:73"),
     ("texture.ambient_only_steps", 0, "csd-sd-refine.yaml:52"),
