@@ -145,7 +145,8 @@ class DiffusionPrior:
 
     identity: str
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module | None
+    _text_encoder: torch.nn.Module | None
+    """The text encoder while resident; use `text_encoder` (loads it again when released)."""
     tokenizer: object
     alphas_cumprod: Tensor  # (T,) on device, float32
     vae: torch.nn.Module | None
@@ -157,7 +158,7 @@ class DiffusionPrior:
     text_encoder_loader: Callable[[], torch.nn.Module] | None = None
     """Loads the text encoder again (frozen, on `device`) after `release_text_encoder`; without
     one the prior keeps its text encoder."""
-    _text_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _text_lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -185,9 +186,24 @@ class DiffusionPrior:
         return int(self.unet.config.sample_size)
 
     @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The text encoder, loaded again through `text_encoder_loader` if it was released."""
+        with self._text_lock:
+            if self._text_encoder is None:
+                if self.text_encoder_loader is None:
+                    raise RuntimeError(f"{self.identity}: the text encoder was released and this prior has no loader to bring it back")
+                log.info("loading the text encoder of %s again", self.identity)
+                self._text_encoder = self.text_encoder_loader()
+            return self._text_encoder
+
+    @text_encoder.setter
+    def text_encoder(self, module: torch.nn.Module | None) -> None:
+        self._text_encoder = module
+
+    @property
     def text_encoder_resident(self) -> bool:
         """Whether the text encoder is in memory now (False after `release_text_encoder`)."""
-        return self.text_encoder is not None
+        return self._text_encoder is not None
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
@@ -195,24 +211,20 @@ class DiffusionPrior:
         text encoder again when it was released."""
         with self._text_lock:
             tokens = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
-            if self.text_encoder is None:
-                if self.text_encoder_loader is None:
-                    raise RuntimeError(f"{self.identity}: the text encoder was released and this prior has no loader to bring it back")
-                log.info("loading the text encoder of %s again", self.identity)
-                self.text_encoder = self.text_encoder_loader()
+            encoder = self.text_encoder
             kwargs = {}
-            if getattr(self.text_encoder.config, "model_type", "") == "t5":
+            if getattr(encoder.config, "model_type", "") == "t5":
                 kwargs["attention_mask"] = tokens.attention_mask.to(self.device)
-            return self.text_encoder(tokens.input_ids.to(self.device), **kwargs).last_hidden_state.to(self.dtype)
+            return encoder(tokens.input_ids.to(self.device), **kwargs).last_hidden_state.to(self.dtype)
 
     def release_text_encoder(self) -> None:
         """Free the text encoder's memory (host and GPU) until `encode_text` needs it again.
 
         A no-op for a prior without `text_encoder_loader` (it could not bring the encoder back)."""
         with self._text_lock:
-            if self.text_encoder is None or self.text_encoder_loader is None:
+            if self._text_encoder is None or self.text_encoder_loader is None:
                 return
-            self.text_encoder = None
+            self._text_encoder = None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -2,8 +2,9 @@
 
 A `PromptProcessor` turns one prompt, its negative prompt and the empty prompt into text embeddings
 once (memory cache, plus an on-disk cache keyed by model and text so a batch of assets sharing a
-negative prompt pays once) and releases the prior's text encoder, then serves a batch of cameras with the view-dependent variant of the
-prompt (threestudio / DreamFusion: ", front view", ", side view", ", back view", ", overhead view").
+negative prompt pays once) and releases the prior's text encoder, then serves a batch of cameras
+with the view-dependent variant of the prompt (threestudio / DreamFusion: ", front view",
+", side view", ", back view", ", overhead view").
 """
 
 from __future__ import annotations

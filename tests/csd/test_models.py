@@ -146,8 +146,10 @@ def test_release_frees_the_text_encoder_and_encode_loads_it_again(if_like_model)
     gc.collect()
     assert not prior.text_encoder_resident and encoder() is None, "nothing may keep the released encoder alive"
     again = prior.encode_text(["a red cube"])
-    assert prior.text_encoder_resident and prior.text_encoder is not None
+    assert prior.text_encoder_resident
     torch.testing.assert_close(again, before, msg="the reloaded encoder is the one on disk")
+    prior.release_text_encoder()
+    assert prior.text_encoder is not None and prior.text_encoder_resident, "attribute access loads it too (tools use it)"
 
 
 def test_a_prior_without_loader_keeps_its_text_encoder():
