@@ -198,8 +198,13 @@ def build_priors(work: Path, tiny: bool, device: str) -> dict[str, Path]:
     written last); returns {"if": path, "sd": path}."""
     from diffusers import DDPMScheduler, PNDMScheduler
 
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # "modules to keep in float32: []" on every cast
     architectures = TINY if tiny else FULL
-    dtype, variant = (torch.float32, None) if tiny else (torch.float16, "fp16")
+    # fp16 files with the hub's `fp16` variant names, as the preset loads them (`--tiny` too, so the
+    # CPU test reads the same files; it computes in float32)
+    dtype, variant = torch.float16, "fp16"
     paths = {"if": work / "IF-I-XL-v1.0", "sd": work / "stable-diffusion-2-1-base"}
     layout = {
         "if": {"unet": ("diffusers", "UNet2DConditionModel", "if_unet"), "text_encoder": ("transformers", "T5EncoderModel", "if_text"),
@@ -281,7 +286,7 @@ def stage_config(cls, preset: dict, stage: str, model_path: Path, steps: int, ti
     section = {**preset[stage], "model": {**preset["model"], **preset[stage].get("model", {}), "model": str(model_path)}}
     overrides = {"prompt": PROMPT, "steps": steps, "checkpoint_every": steps + 1}
     if tiny:
-        overrides.update({"model.device": "cpu", "model.dtype": "float32", "model.variant": None, **TINY_OVERRIDES[stage]})
+        overrides.update({"model.device": "cpu", "model.dtype": "float32", **TINY_OVERRIDES[stage]})
     return build_config(cls, section, overrides)
 
 
@@ -359,6 +364,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     if args.architectures:
         counts = parameter_counts()
         for name, count in counts.items():

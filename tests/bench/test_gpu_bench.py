@@ -44,6 +44,9 @@ def test_tiny_run_goes_through_the_loader_and_both_stages(gpu_bench, tmp_path):
     if_dir = tmp_path / "models" / "tiny" / "IF-I-XL-v1.0"
     index = json.loads((if_dir / "model_index.json").read_text())
     assert index["text_encoder"] == ["transformers", "T5EncoderModel"] and "vae" not in index
+    # fp16 files under the hub's variant names, which the preset's `variant: fp16` loads
+    assert (if_dir / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    assert (if_dir / "text_encoder" / "model.fp16.safetensors").exists()
     unet = json.loads((if_dir / "unet" / "config.json").read_text())
     assert unet["mid_block_type"] == gpu_bench.IF_UNET["mid_block_type"] and unet["addition_embed_type"] == "text"
     assert set(unet["down_block_types"]) == set(gpu_bench.IF_UNET["down_block_types"])
