@@ -183,8 +183,10 @@ class PromptProcessor:
         self._prompt_embeddings = embeddings[: len(views)]  # (V, L, D)
         self._null = embeddings[len(views) : len(views) + 1]  # (1, L, D)
         self._negative = embeddings[len(views) + 1 :] if negative_prompt else None
-        if release_text_encoder:
-            prior.release_text_encoder()
+        # a stand-in prior without the method (tests' fakes) has nothing to release
+        release = getattr(prior, "release_text_encoder", None)
+        if release_text_encoder and release is not None:
+            release()
 
     def __call__(self, elevation: Tensor, azimuth: Tensor) -> PromptEmbeddings:
         """Embeddings for a batch of cameras given by `(B,)` elevation and azimuth in degrees."""
