@@ -14,7 +14,7 @@ nvdiffrast on a 20 480-face sphere with a 1024² texture) with the stages' own `
 - s/step (median over the steps after the first, which pays cuDNN autotuning and nvdiffrast's compile);
 - the UNet-only floor: the stage's own guidance UNet call (captured from the run, same batch) timed
   alone, the part of a step no method can avoid; and the ratio s/step / floor;
-- peak memory (`peak_cuda_allocated_mb` / `peak_rss_mb` from the stage's `result.json`);
+- peak memory (`peak_cuda_allocated_mb` / `peak_rss_mb`, the `memory` of the stage's `result.json`);
 - projected minutes per asset at the preset's step counts (nerf 10 000 + texture 10 000, optimisation
   only: model loading printed apart; mesh, uv and export not included).
 
@@ -306,7 +306,7 @@ def bench_stage(name: str, module, config, out_dir: Path, inputs: dict | None, r
         "stage": name, "steps": len(steps), "load_s": load_seconds, "first_step_s": steps[0], "s_per_step": per_step,
         "unet_floor_s": floor, "ratio": per_step / floor, "unet_batch": list(batch),
         "split_s": {k: v for k, v in result.timings.items() if k.endswith("_per_step")},
-        **{k: v for k, v in result.metrics.items() if k.startswith("peak_")},
+        **result.memory,
         "text_encoder_resident_after": prior.text_encoder_resident,
     }
 

@@ -50,6 +50,8 @@ class StageResult:
     identity: str = ""
     committed_at: float = 0.0
     """Seconds since the epoch when the stage was committed (copies of the directory keep it)."""
+    memory: dict[str, float] = field(default_factory=dict)
+    """Peak memory of the stage in MiB (`peak_memory`), recorded at commit."""
 
     def path(self, name: str) -> Path:
         """Absolute path of output `name`."""
@@ -110,7 +112,7 @@ class StageWorkspace:
         result.identity = self.identity
         result.directory = str(self.final)
         result.committed_at = time.time()
-        result.metrics.update(peak_memory())
+        result.memory = peak_memory()
         payload = asdict(result)
         payload.pop("directory")
         atomic_write_text(self.path / RESULT_FILE, json.dumps(payload, indent=2))
@@ -197,7 +199,7 @@ def reset_peak_memory() -> None:
 
 
 def peak_memory() -> dict[str, float]:
-    """Peak memory since `reset_peak_memory`, in MiB, as `result.json` metrics of every stage.
+    """Peak memory since `reset_peak_memory`, in MiB: every stage's `result.json` `memory`.
 
     `peak_rss_mb`: the process's resident-set high-water mark (VmHWM; where it cannot be reset or
     read, the process's lifetime peak `ru_maxrss`); assets run as threads of one process share it.
