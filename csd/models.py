@@ -296,6 +296,7 @@ def load_prior(config: ModelConfig = ModelConfig()) -> DiffusionPrior:
     prediction_type = str(getattr(scheduler.config, "prediction_type", "epsilon"))
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"{path}/scheduler: prediction_type {prediction_type!r} is not supported; valid: {', '.join(PREDICTION_TYPES)}")
+
     def frozen(module: torch.nn.Module) -> torch.nn.Module:
         return module.requires_grad_(False).eval().to(device)
 
