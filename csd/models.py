@@ -138,9 +138,10 @@ class DiffusionPrior:
     `kind` is `latent` (a VAE maps renders to latents, SD) or `pixel` (renders are the model's
     input, IF stage I and the toy prior). `resolution` is the render side the model expects.
 
-    The text encoder is needed only to embed a stage's few prompts (T5-XXL: ~9.5 GB in fp16, more
-    than the UNet of IF-I-XL), so `release_text_encoder` drops it before optimisation and
-    `encode_text` loads it again through `text_encoder_loader` when a later prompt needs it.
+    The text encoder is needed only to embed a stage's few prompts (T5-XXL: 8.9 GiB in fp16, more
+    than the UNet of IF-I-XL): `load_prior` leaves it on disk until the first `encode_text` (or
+    `text_encoder` access), `release_text_encoder` drops it before optimisation, and it is loaded
+    again through `text_encoder_loader` when a later prompt needs it.
     """
 
     identity: str
@@ -192,7 +193,7 @@ class DiffusionPrior:
             if self._text_encoder is None:
                 if self.text_encoder_loader is None:
                     raise RuntimeError(f"{self.identity}: the text encoder was released and this prior has no loader to bring it back")
-                log.info("loading the text encoder of %s again", self.identity)
+                log.info("loading the text encoder of %s", self.identity)
                 self._text_encoder = self.text_encoder_loader()
             return self._text_encoder
 
@@ -304,7 +305,6 @@ def load_prior(config: ModelConfig = ModelConfig()) -> DiffusionPrior:
         return frozen(load("text_encoder", **weights))
 
     unet = frozen(load("unet", **diffusers_weights))
-    text_encoder = load_text_encoder()
     tokenizer = load("tokenizer")
     vae = frozen(load("vae", **diffusers_weights)) if index.get("vae") and index["vae"][0] is not None else None
     if config.channels_last:
@@ -316,7 +316,9 @@ def load_prior(config: ModelConfig = ModelConfig()) -> DiffusionPrior:
     identity = f"{config.model}@{config.revision or ''}:{_fingerprint(path)}"
     log.info("loaded %s prior %s (%s, %s) from %s", "latent" if vae is not None else "pixel", config.model, device, dtype, path)
     return DiffusionPrior(
-        identity, unet, text_encoder, tokenizer, alphas_cumprod, vae, device, dtype, max_length, prediction_type, load_text_encoder
+        # the text encoder loads on first use: a stage whose prompts are all in the embedding cache
+        # never loads it (T5-XXL: 8.9 GiB, tens of seconds)
+        identity, unet, None, tokenizer, alphas_cumprod, vae, device, dtype, max_length, prediction_type, load_text_encoder
     )
 
 

@@ -140,6 +140,7 @@ def test_release_frees_the_text_encoder_and_encode_loads_it_again(if_like_model)
     import weakref
 
     prior = load_prior(ModelConfig(model=str(if_like_model)))
+    assert not prior.text_encoder_resident, "loaded on first use: cached prompts never need it"
     before = prior.encode_text(["a red cube"])
     encoder = weakref.ref(prior.text_encoder)
     prior.release_text_encoder()

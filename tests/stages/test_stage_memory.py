@@ -15,7 +15,7 @@ def test_nerf_trains_without_the_text_encoder_and_reports_peak_memory(if_like_mo
         "resolution": 16, "renderer.num_samples": 16,
     })
     prior = load_prior_cached(config.model)
-    prior.encode_text(["a red cube"])  # resident before the stage, as after loading
+    prior.encode_text(["a red cube"])  # resident when the stage starts (as after an earlier stage embedded a prompt)
     resident_at_unet_calls = []
     hook = prior.unet.register_forward_pre_hook(lambda module, args: resident_at_unet_calls.append(prior.text_encoder_resident))
     try:
