@@ -18,6 +18,10 @@ nvdiffrast on a 20 480-face sphere with a 1024² texture) with the stages' own `
 - projected minutes per asset at the preset's step counts (nerf 10 000 + texture 10 000, optimisation
   only: model loading printed apart; mesh, uv and export not included).
 
+The stages' peaks include what the pipeline keeps: the text encoder is loaded inside the stage (first
+prompt) and released before its first step; the IF prior stays cached while `texture` runs, as in one
+asset process of the pipeline; each stage's turntable previews at the preset's size are part of it.
+
 Random weights give the same speed and memory as trained ones (same shapes and kernels); the losses
 mean nothing. The projection takes the early steps as typical: later steps of the real run skip more
 empty space once the occupancy grid has pruned it (cheaper) and switch shading after the ambient phase.
@@ -345,7 +349,7 @@ def print_report(report: dict) -> None:
         memory = f"peak CUDA allocated {s['peak_cuda_allocated_mb'] / 1024:.2f} GiB, " if "peak_cuda_allocated_mb" in s else ""
         print(f"{s['stage']:8s} {s['s_per_step']:.4f} s/step (first step {s['first_step_s']:.2f} s, {s['steps']} steps), "
               f"UNet floor {s['unet_floor_s']:.4f} s (batch {tuple(s['unet_batch'])}), ratio {s['ratio']:.2f}, "
-              f"{memory}peak RSS {s['peak_rss_mb'] / 1024:.2f} GiB, prior load {s['load_s']:.1f} s, "
+              f"{memory}peak RSS {s['peak_rss_mb'] / 1024:.2f} GiB, prior load (text encoder aside) {s['load_s']:.1f} s, "
               f"text encoder resident after: {s['text_encoder_resident_after']}")
         print("         split per step: " + ", ".join(f"{k.removesuffix('_per_step')} {v:.4f}" for k, v in s["split_s"].items()))
     steps = report["preset_steps"]
