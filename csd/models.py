@@ -9,12 +9,15 @@ text encoder) and the shipped toy prior (pixel, tiny CLIP): the components named
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -134,11 +137,17 @@ class DiffusionPrior:
 
     `kind` is `latent` (a VAE maps renders to latents, SD) or `pixel` (renders are the model's
     input, IF stage I and the toy prior). `resolution` is the render side the model expects.
+
+    The text encoder is needed only to embed a stage's few prompts (T5-XXL: 8.9 GiB in fp16, more
+    than the UNet of IF-I-XL): `load_prior` leaves it on disk until the first `encode_text` (or
+    `text_encoder` access), `release_text_encoder` drops it before optimisation, and it is loaded
+    again through `text_encoder_loader` when a later prompt needs it.
     """
 
     identity: str
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    _text_encoder: torch.nn.Module | None
+    """The text encoder while resident; use `text_encoder` (loads it again when released)."""
     tokenizer: object
     alphas_cumprod: Tensor  # (T,) on device, float32
     vae: torch.nn.Module | None
@@ -147,6 +156,10 @@ class DiffusionPrior:
     max_length: int
     prediction_type: str = "epsilon"
     """The scheduler's `prediction_type`: `epsilon` or `v_prediction` (converted to ε)."""
+    text_encoder_loader: Callable[[], torch.nn.Module] | None = None
+    """Loads the text encoder again (frozen, on `device`) after `release_text_encoder`; without
+    one the prior keeps its text encoder."""
+    _text_lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -165,18 +178,58 @@ class DiffusionPrior:
 
     @property
     def resolution(self) -> int:
+        """Pixel models: the UNet's `sample_size`. Latent models: the UNet's latent size times the
+        VAE's downsampling (2 per VAE block after the first), as diffusers' pipelines compute it; the
+        VAE's own `sample_size` is not the model's resolution (SD 2.1-base's VAE says 768, the model
+        works at 64 × 8 = 512)."""
         if self.vae is not None:
-            return int(self.vae.config.sample_size)
+            return int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
         return int(self.unet.config.sample_size)
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The text encoder, loaded again through `text_encoder_loader` if it was released."""
+        with self._text_lock:
+            if self._text_encoder is None:
+                if self.text_encoder_loader is None:
+                    raise RuntimeError(f"{self.identity}: the text encoder was released and this prior has no loader to bring it back")
+                log.info("loading the text encoder of %s", self.identity)
+                self._text_encoder = self.text_encoder_loader()
+            return self._text_encoder
+
+    @text_encoder.setter
+    def text_encoder(self, module: torch.nn.Module | None) -> None:
+        self._text_encoder = module
+
+    @property
+    def text_encoder_resident(self) -> bool:
+        """Whether the text encoder is in memory now (False after `release_text_encoder`)."""
+        return self._text_encoder is not None
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
-        """`N` texts → `(N, L, D)` last hidden states (as SD and IF condition their UNets)."""
-        tokens = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
-        kwargs = {}
-        if getattr(self.text_encoder.config, "model_type", "") == "t5":
-            kwargs["attention_mask"] = tokens.attention_mask.to(self.device)
-        return self.text_encoder(tokens.input_ids.to(self.device), **kwargs).last_hidden_state.to(self.dtype)
+        """`N` texts → `(N, L, D)` last hidden states (as SD and IF condition their UNets); loads the
+        text encoder again when it was released."""
+        with self._text_lock:
+            tokens = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
+            encoder = self.text_encoder
+            kwargs = {}
+            if getattr(encoder.config, "model_type", "") == "t5":
+                kwargs["attention_mask"] = tokens.attention_mask.to(self.device)
+            return encoder(tokens.input_ids.to(self.device), **kwargs).last_hidden_state.to(self.dtype)
+
+    def release_text_encoder(self) -> None:
+        """Free the text encoder's memory (host and GPU) until `encode_text` needs it again.
+
+        A no-op for a prior without `text_encoder_loader` (it could not bring the encoder back)."""
+        with self._text_lock:
+            if self._text_encoder is None or self.text_encoder_loader is None:
+                return
+            self._text_encoder = None
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.info("released the text encoder of %s", self.identity)
 
     def encode_images(self, images: Tensor) -> Tensor:
         """Renders `(B, 3, H, W)` in [0, 1] → the model's input space `z` (differentiable).
@@ -244,13 +297,16 @@ def load_prior(config: ModelConfig = ModelConfig()) -> DiffusionPrior:
     prediction_type = str(getattr(scheduler.config, "prediction_type", "epsilon"))
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"{path}/scheduler: prediction_type {prediction_type!r} is not supported; valid: {', '.join(PREDICTION_TYPES)}")
-    unet = load("unet", **diffusers_weights)
-    text_encoder = load("text_encoder", **weights)
+
+    def frozen(module: torch.nn.Module) -> torch.nn.Module:
+        return module.requires_grad_(False).eval().to(device)
+
+    def load_text_encoder() -> torch.nn.Module:
+        return frozen(load("text_encoder", **weights))
+
+    unet = frozen(load("unet", **diffusers_weights))
     tokenizer = load("tokenizer")
-    vae = load("vae", **diffusers_weights) if index.get("vae") and index["vae"][0] is not None else None
-    for module in (unet, text_encoder, vae):
-        if module is not None:
-            module.requires_grad_(False).eval().to(device)
+    vae = frozen(load("vae", **diffusers_weights)) if index.get("vae") and index["vae"][0] is not None else None
     if config.channels_last:
         unet.to(memory_format=torch.channels_last)
     if config.attention_slicing:
@@ -259,7 +315,11 @@ def load_prior(config: ModelConfig = ModelConfig()) -> DiffusionPrior:
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     identity = f"{config.model}@{config.revision or ''}:{_fingerprint(path)}"
     log.info("loaded %s prior %s (%s, %s) from %s", "latent" if vae is not None else "pixel", config.model, device, dtype, path)
-    return DiffusionPrior(identity, unet, text_encoder, tokenizer, alphas_cumprod, vae, device, dtype, max_length, prediction_type)
+    return DiffusionPrior(
+        # the text encoder loads on first use: a stage whose prompts are all in the embedding cache
+        # never loads it (T5-XXL: 8.9 GiB, tens of seconds)
+        identity, unet, None, tokenizer, alphas_cumprod, vae, device, dtype, max_length, prediction_type, load_text_encoder
+    )
 
 
 def _fingerprint(path: Path) -> str:

@@ -2,8 +2,9 @@
 
 A `PromptProcessor` turns one prompt, its negative prompt and the empty prompt into text embeddings
 once (memory cache, plus an on-disk cache keyed by model and text so a batch of assets sharing a
-negative prompt pays once), then serves a batch of cameras with the view-dependent variant of the
-prompt (threestudio / DreamFusion: ", front view", ", side view", ", back view", ", overhead view").
+negative prompt pays once) and releases the prior's text encoder, then serves a batch of cameras
+with the view-dependent variant of the prompt (threestudio / DreamFusion: ", front view",
+", side view", ", back view", ", overhead view").
 """
 
 from __future__ import annotations
@@ -160,7 +161,10 @@ class PromptProcessor:
         thresholds: ViewThresholds = ViewThresholds(),
         cache: TextEmbeddingCache | None = None,
         perp_neg: bool = False,
+        release_text_encoder: bool = True,
     ):
+        """`release_text_encoder`: free the prior's text encoder once the embeddings are made (the
+        prior loads it again if a later prompt needs it)."""
         if not prompt.strip():
             raise ValueError("prompt is empty; a prompt describes the asset to generate")
         if perp_neg and not view_dependent:
@@ -172,10 +176,17 @@ class PromptProcessor:
         self.view_dependent = view_dependent
         self.thresholds = thresholds
         self.cache = cache or TextEmbeddingCache(prior)
-        texts = [view_prompt(prompt, v) for v in VIEWS] if view_dependent else [prompt]
-        self._prompt_embeddings = self.cache.get(texts)  # (V, L, D)
-        self._null = self.cache.get([""])  # (1, L, D)
-        self._negative = self.cache.get([negative_prompt]) if negative_prompt else None
+        # every text the stage will condition on (Perp-Neg reuses the view prompts), embedded in one
+        # call; then the text encoder is dropped, so optimisation runs without it
+        views = [view_prompt(prompt, v) for v in VIEWS] if view_dependent else [prompt]
+        embeddings = self.cache.get([*views, "", *([negative_prompt] if negative_prompt else [])])
+        self._prompt_embeddings = embeddings[: len(views)]  # (V, L, D)
+        self._null = embeddings[len(views) : len(views) + 1]  # (1, L, D)
+        self._negative = embeddings[len(views) + 1 :] if negative_prompt else None
+        # a stand-in prior without the method (tests' fakes) has nothing to release
+        release = getattr(prior, "release_text_encoder", None)
+        if release_text_encoder and release is not None:
+            release()
 
     def __call__(self, elevation: Tensor, azimuth: Tensor) -> PromptEmbeddings:
         """Embeddings for a batch of cameras given by `(B,)` elevation and azimuth in degrees."""

@@ -50,6 +50,8 @@ class StageResult:
     identity: str = ""
     committed_at: float = 0.0
     """Seconds since the epoch when the stage was committed (copies of the directory keep it)."""
+    memory: dict[str, float] = field(default_factory=dict)
+    """Peak memory of the stage in MiB (`peak_memory`), recorded at commit."""
 
     def path(self, name: str) -> Path:
         """Absolute path of output `name`."""
@@ -102,6 +104,7 @@ class StageWorkspace:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         marker.write_text(self.identity)
+        reset_peak_memory()
         return self
 
     def commit(self, result: StageResult) -> StageResult:
@@ -109,6 +112,7 @@ class StageWorkspace:
         result.identity = self.identity
         result.directory = str(self.final)
         result.committed_at = time.time()
+        result.memory = peak_memory()
         payload = asdict(result)
         payload.pop("directory")
         atomic_write_text(self.path / RESULT_FILE, json.dumps(payload, indent=2))
@@ -180,6 +184,40 @@ class TrainingCheckpoint:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window for this process (a stage's `StageWorkspace` does, on entry).
+
+    CPU: resets the kernel's resident-set high-water mark (Linux `/proc/self/clear_refs`); CUDA:
+    `torch.cuda.reset_peak_memory_stats` on every device once CUDA is initialised."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak memory since `reset_peak_memory`, in MiB: every stage's `result.json` `memory`.
+
+    `peak_rss_mb`: the process's resident-set high-water mark (VmHWM; where it cannot be reset or
+    read, the process's lifetime peak `ru_maxrss`); assets run as threads of one process share it.
+    `peak_cuda_allocated_mb` (when CUDA was used): `torch.cuda.max_memory_allocated`, the largest
+    over devices."""
+    peak_kib = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak_kib = float(line.split()[1])
+    if peak_kib is None:
+        import resource
+
+        peak_kib = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    memory = {"peak_rss_mb": peak_kib / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        memory["peak_cuda_allocated_mb"] = max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**20
+    return memory
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -133,3 +133,40 @@ def test_perp_neg_guides_latent_and_pixel_priors(fixture, request, tmp_path):
     out = ScoreDistillation(prior, guidance_config("csd-annealed-negative", perp_neg_scale=3.0))(prior.encode_images(image), embeddings, step=0)
     out.loss.backward()
     assert torch.isfinite(out.loss) and image.grad.abs().sum() > 0 and out.component_norms["perp_neg"] > 0
+
+
+def test_release_frees_the_text_encoder_and_encode_loads_it_again(if_like_model):
+    import gc
+    import weakref
+
+    prior = load_prior(ModelConfig(model=str(if_like_model)))
+    assert not prior.text_encoder_resident, "loaded on first use: cached prompts never need it"
+    before = prior.encode_text(["a red cube"])
+    encoder = weakref.ref(prior.text_encoder)
+    prior.release_text_encoder()
+    gc.collect()
+    assert not prior.text_encoder_resident and encoder() is None, "nothing may keep the released encoder alive"
+    again = prior.encode_text(["a red cube"])
+    assert prior.text_encoder_resident
+    torch.testing.assert_close(again, before, msg="the reloaded encoder is the one on disk")
+    prior.release_text_encoder()
+    assert prior.text_encoder is not None and prior.text_encoder_resident, "attribute access loads it too (tools use it)"
+
+
+def test_a_prior_without_loader_keeps_its_text_encoder():
+    prior = _prior_with(_VUnet(torch.zeros(1, 3, 4, 4)), "epsilon", torch.linspace(0.99, 0.01, 10))
+    prior.text_encoder = torch.nn.Identity()
+    prior.release_text_encoder()
+    assert prior.text_encoder_resident
+
+
+def test_latent_resolution_is_unet_size_times_vae_downsampling():
+    from types import SimpleNamespace
+
+    from csd.models import DiffusionPrior
+
+    # stable-diffusion-2-1-base: unet sample_size 64, VAE 4 blocks (3 downsamplings) but VAE sample_size 768
+    unet = SimpleNamespace(config=SimpleNamespace(sample_size=64))
+    vae = SimpleNamespace(config=SimpleNamespace(sample_size=768, block_out_channels=[128, 256, 512, 512]))
+    prior = DiffusionPrior("sd21", unet, None, None, torch.linspace(0.99, 0.01, 10), vae, torch.device("cpu"), torch.float32, 77)
+    assert prior.resolution == 512

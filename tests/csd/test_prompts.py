@@ -34,11 +34,15 @@ class CountingPrior:
     dtype = torch.float32
 
     def __init__(self):
-        self.encoded = []
+        self.encoded, self.calls, self.released = [], 0, 0
 
     def encode_text(self, texts):
         self.encoded += texts
+        self.calls += 1
         return torch.stack([torch.full((3, 5), float(len(t))) for t in texts])
+
+    def release_text_encoder(self):
+        self.released += 1
 
 
 def test_cache_encodes_once_in_memory_and_on_disk(tmp_path):
@@ -66,3 +70,14 @@ def test_prompt_processor_picks_view_embeddings(tmp_path):
     assert processor.texts(torch.tensor([0.0]), torch.tensor([90.0])) == ["a red cube, side view"]
     with pytest.raises(ValueError, match="empty"):
         PromptProcessor(prior, "  ")
+
+
+def test_prompt_processor_embeds_every_text_in_one_call_then_releases_the_encoder(tmp_path):
+    prior = CountingPrior()
+    PromptProcessor(prior, "a red cube", "ugly", cache=TextEmbeddingCache(prior, tmp_path), perp_neg=True)
+    views = [view_prompt("a red cube", v) for v in ("front", "side", "back", "overhead")]
+    assert prior.calls == 1 and sorted(prior.encoded) == sorted([*views, "", "ugly"])
+    assert prior.released == 1
+    kept = CountingPrior()
+    PromptProcessor(kept, "a red cube", cache=TextEmbeddingCache(kept, tmp_path / "other"), release_text_encoder=False)
+    assert kept.released == 0
