@@ -133,3 +133,20 @@ def test_perp_neg_guides_latent_and_pixel_priors(fixture, request, tmp_path):
     out = ScoreDistillation(prior, guidance_config("csd-annealed-negative", perp_neg_scale=3.0))(prior.encode_images(image), embeddings, step=0)
     out.loss.backward()
     assert torch.isfinite(out.loss) and image.grad.abs().sum() > 0 and out.component_norms["perp_neg"] > 0
+
+
+@pytest.mark.parametrize("option", ["channels_last", "attention_slicing"])
+def test_speed_and_memory_options_change_the_layout_not_the_noise_prediction(sd_like_model, option):
+    plain = load_prior(ModelConfig(model=str(sd_like_model)))
+    tuned = load_prior(ModelConfig(model=str(sd_like_model), **{option: True}))
+    conv = next(m for m in tuned.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    if option == "channels_last":
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    else:
+        sliced = [m.processor for m in tuned.unet.modules() if hasattr(m, "processor")]
+        assert sliced and all("Sliced" in type(p).__name__ for p in sliced), {type(p).__name__ for p in sliced}
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 16, 16, generator=generator)
+    text = plain.encode_text(["a red cube", "a blue sphere"])
+    t = torch.tensor([100, 700])
+    torch.testing.assert_close(tuned.predict_noise(z, t, text), plain.predict_noise(z, t, text), atol=1e-5, rtol=1e-4)
