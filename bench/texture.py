@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  {'prompt':18s} {'grey colour':>12s} {'colour':>7s} {'shape':>7s} {'both':>7s}")
     for prompt, (grey, metrics) in synthesis.items():
         print(
-            f"  {prompt:18s} {grey['prompt_colour']:12.0%} {metrics['prompt_colour']:7.0%} {metrics['prompt_shape']:7.0%} "
-            f"{metrics['prompt_correct']:7.0%}"
+            f"  {prompt:18s} {grey['prompt_colour_accuracy']:12.0%} {metrics['prompt_colour_accuracy']:7.0%} {metrics['prompt_shape_accuracy']:7.0%} "
+            f"{metrics['prompt_accuracy']:7.0%}"
         )
 
     red = build_config(TextureConfig, _section(preset, "texture", args.model), {"prompt": "a red cube", **steps, **evaluator})
@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     m = edit.metrics
     print(f"\nedit 'a red cube' -> 'a blue cube' (λ = {edit_config.negative_weight}; bar: blue >= 80 %, still a cube):")
     print(f"  {'':8s} {'red':>7s} {'blue':>7s} {'cube':>7s}")
-    print(f"  {'before':8s} {m['before_source_colour']:7.0%} {m['before_target_colour']:7.0%} {m['before_target_shape']:7.0%}")
-    print(f"  {'after':8s} {m['after_source_colour']:7.0%} {m['after_target_colour']:7.0%} {m['after_target_shape']:7.0%}")
+    print(f"  {'before':8s} {m['before_source_colour_accuracy']:7.0%} {m['before_target_colour_accuracy']:7.0%} {m['before_target_shape_accuracy']:7.0%}")
+    print(f"  {'after':8s} {m['after_source_colour_accuracy']:7.0%} {m['after_target_colour_accuracy']:7.0%} {m['after_target_shape_accuracy']:7.0%}")
     print(f"  geometry byte-identical: {same_geometry}; stage total {edit.timings['total']:.1f} s")
     _finish(report, args.out)
 

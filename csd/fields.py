@@ -54,8 +54,6 @@ class FieldConfig:
     """`softplus` or `exp`."""
     normal_eps: float = 0.01
     """Finite-difference step for normals, world units."""
-    backend: str = "torch"
-    """`torch` (pure PyTorch) or `tcnn` (tiny-cuda-nn, CUDA only, when installed)."""
 
 
 class HashGridEncoding(nn.Module):
@@ -118,14 +116,8 @@ class ImplicitVolume(nn.Module):
         super().__init__()
         self.config = config
         self.bound = config.bound
-        if config.backend == "tcnn":
-            self.encoding = _tcnn_encoding(config)
-            encoding_dim = self.encoding.n_output_dims
-        elif config.backend == "torch":
-            self.encoding = HashGridEncoding(config)
-            encoding_dim = self.encoding.output_dim
-        else:
-            raise ValueError(f"unknown field backend {config.backend!r}; valid: torch, tcnn")
+        self.encoding = HashGridEncoding(config)
+        encoding_dim = self.encoding.output_dim
         layers: list[nn.Module] = []
         width = encoding_dim
         for _ in range(config.n_hidden_layers):
@@ -174,25 +166,6 @@ class ImplicitVolume(nn.Module):
         return -F.normalize(gradient, dim=-1)
 
 
-def _tcnn_encoding(config: FieldConfig):
-    if not torch.cuda.is_available():
-        raise ValueError("field backend 'tcnn' needs CUDA; use backend: torch on this machine")
-    import tinycudann as tcnn  # CUDA only, imported only when asked for
-
-    growth = math.exp(math.log(config.max_resolution / config.base_resolution) / max(1, config.n_levels - 1))
-    return tcnn.Encoding(
-        3,
-        {
-            "otype": "HashGrid",
-            "n_levels": config.n_levels,
-            "n_features_per_level": config.n_features_per_level,
-            "log2_hashmap_size": config.log2_hashmap_size,
-            "base_resolution": config.base_resolution,
-            "per_level_scale": growth,
-        },
-    )
-
-
 FIELD_WEIGHTS = "field.safetensors"
 FIELD_CONFIG = "field.json"
 
@@ -206,8 +179,6 @@ def save_field(volume: ImplicitVolume, directory: Path) -> None:
     directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in volume.state_dict().items()}
     config = asdict(volume.config)
-    if config["backend"] == "tcnn":
-        raise ValueError("saving tcnn fields is not supported; train with backend: torch to export")
     save_file(state, str(directory / FIELD_WEIGHTS))
     (directory / FIELD_CONFIG).write_text(json.dumps(config, indent=2))
 
@@ -220,7 +191,9 @@ def load_field(directory: Path, device: str | torch.device = "cpu") -> ImplicitV
     for name in (FIELD_WEIGHTS, FIELD_CONFIG):
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory} holds no saved field ({name} missing); run the nerf stage first")
-    config = FieldConfig(**json.loads((directory / FIELD_CONFIG).read_text()))
+    saved = json.loads((directory / FIELD_CONFIG).read_text())
+    saved.pop("backend", None)  # fields saved while a `tcnn` backend option existed all say "torch"
+    config = FieldConfig(**saved)
     volume = ImplicitVolume(config)
     volume.load_state_dict(load_file(str(directory / FIELD_WEIGHTS)))
     return volume.to(device).eval().requires_grad_(False)

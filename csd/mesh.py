@@ -4,7 +4,7 @@
 bounding cube first, whose occupied cells tighten the box the fine grid covers — and runs marching
 cubes (scikit-image, Lewiner). `clean_mesh` drops small components and degenerate geometry, closes
 small holes, remeshes isotropically and decimates to a face budget with pymeshlab, and orients the
-faces outward. `mesh_stats` measures the result; `raycast` + `shade_normals` render previews.
+faces outward. `mesh_stats` measures the result (previews: `csd.raster.MeshRenderer`).
 
 Arrays only: no files. World frame z-up, the field lives in `[-bound, bound]³`.
 """
@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from csd.cameras import Cameras, get_rays
 from csd.fields import ImplicitField
 
 AUTO = "auto"
@@ -377,44 +376,3 @@ def mesh_stats(vertices: np.ndarray, faces: np.ndarray) -> dict[str, Any]:
         "area": float(mesh.area),
         "volume": float(mesh.volume) if watertight else None,
     }
-
-
-@dataclass
-class MeshHits:
-    """First hits of camera rays: `face_index` `(B, H, W)` (−1: miss), `barycentric` `(B, H, W, 3)`,
-    `normal` `(B, H, W, 3)` face normals facing the camera, `directions` `(B, H, W, 3)` unit rays."""
-
-    face_index: np.ndarray
-    barycentric: np.ndarray
-    normal: np.ndarray
-    directions: np.ndarray
-
-
-def raycast(vertices: np.ndarray, faces: np.ndarray, cameras: Cameras, resolution: int) -> MeshHits:
-    """Cast one ray per pixel (`csd.cameras.get_rays`) against the mesh (embree when installed)."""
-    import trimesh
-
-    mesh = trimesh.Trimesh(vertices, faces, process=False)
-    origins, directions = (t.cpu().numpy().astype(np.float64) for t in get_rays(cameras, resolution, resolution))
-    shape = directions.shape[:-1]
-    origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
-    face_index = mesh.ray.intersects_first(origins, directions)
-    hit = face_index >= 0
-    barycentric = np.zeros((len(face_index), 3))
-    normal = np.zeros((len(face_index), 3))
-    if hit.any():
-        normals = mesh.face_normals[face_index[hit]]
-        corner = mesh.vertices[faces[face_index[hit], 0]]
-        distance = np.einsum("ij,ij->i", corner - origins[hit], normals) / np.einsum("ij,ij->i", directions[hit], normals)
-        points = origins[hit] + distance[:, None] * directions[hit]
-        barycentric[hit] = trimesh.triangles.points_to_barycentric(mesh.triangles[face_index[hit]], points)
-        away = np.einsum("ij,ij->i", normals, directions[hit]) > 0
-        normal[hit] = np.where(away[:, None], -normals, normals)
-    return MeshHits(face_index.reshape(shape), barycentric.reshape(*shape, 3), normal.reshape(*shape, 3), directions.reshape(*shape, 3))
-
-
-def shade_normals(hits: MeshHits, background: float = 1.0) -> np.ndarray:
-    """Grey headlight shading `(B, H, W, 3)` in [0, 1]: 0.25 ambient + 0.75 · |n · view|."""
-    lambert = np.abs(np.einsum("bhwi,bhwi->bhw", hits.normal, hits.directions))
-    shade = np.where(hits.face_index >= 0, 0.25 + 0.75 * lambert, background)
-    return np.repeat(shade[..., None], 3, axis=-1)

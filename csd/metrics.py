@@ -52,15 +52,19 @@ def clip_score(images: Tensor, prompt: str, model: str) -> QualityScore:
     return QualityScore("clip", float(per_view.mean()), {"clip_score_min": float(per_view.min()), "clip_score_max": float(per_view.max())})
 
 
+def view_accuracy(result) -> dict[str, float]:
+    """The toy evaluator's fractions of views (a `csd.toy.evaluator.ScoreResult`) under the project's
+    one set of names: `colour_accuracy`, `shape_accuracy` and `accuracy` (colour and shape both right)."""
+    return {"colour_accuracy": result.colour_fraction, "shape_accuracy": result.shape_fraction, "accuracy": result.fraction_correct}
+
+
 def toy_score(images: Tensor, prompt: str) -> QualityScore:
     """Fraction of views the independent toy evaluator classifies with the prompt's colour and shape."""
     from csd.toy.evaluator import load_evaluator
 
-    result = load_evaluator().score(images, prompt)
-    colour = float(result.colour_correct.float().mean())
-    shape = float(result.shape_correct.float().mean())
-    both = float((result.colour_correct & result.shape_correct).float().mean())
-    return QualityScore("toy", both, {"colour_accuracy": colour, "shape_accuracy": shape, "views": float(len(images))})
+    accuracy = view_accuracy(load_evaluator().score(images, prompt))
+    both = accuracy.pop("accuracy")
+    return QualityScore("toy", both, {**accuracy, "views": float(len(images))})
 
 
 def score_views(images: Tensor, prompt: str, scorer: str, clip_model: str = "") -> QualityScore | None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from csd.cameras import Cameras, get_rays
+from csd.shading import diffuse_shade, random_background
 
 SHADING_MODES = ("albedo", "diffuse", "textureless", "normal")
 """`normal` renders the world-space normal map as colour n·0.5 + 0.5: the official `textureless`
@@ -147,8 +148,7 @@ class VolumeRenderer:
         """Background colours `(B, H*W, 3)` for ray directions `(B, H*W, 3)`."""
         c = self.config
         device = directions.device
-        low, high = c.random_background_range
-        random = (low + (high - low) * torch.rand(batch, 1, 3, generator=generator)).to(device).expand_as(directions)
+        random = random_background(batch, c.random_background_range, generator, device)[:, None].expand_as(directions)
         solid = torch.tensor(c.background_color, device=device).expand_as(directions)
         if c.background == "solid" or (c.background == "random" and not training):
             return solid
@@ -207,8 +207,7 @@ class VolumeRenderer:
             colour = albedo
         else:
             light = cameras.light_position.to(device)[:, None, None, :].expand(batch, height * width, n, 3).reshape(n_rays, n, 3)
-            lambert = (normal * F.normalize(light - points, dim=-1)).sum(-1, keepdim=True).clamp(min=0)
-            shade = c.ambient + (1 - c.ambient) * lambert
+            shade = diffuse_shade(normal, points, light, c.ambient)
             colour = albedo * shade if shading == "diffuse" else shade.expand(-1, -1, 3)
             if shading == "normal":
                 colour = normal * 0.5 + 0.5

@@ -3,8 +3,10 @@
 `unwrap` cuts the mesh into charts and packs them into one square atlas (xatlas; vertices are split
 along seams). `rasterize_uv` finds, for every texel centre, the face and barycentric coordinates that
 cover it, so any per-vertex attribute — the 3D position, hence the field's albedo there — can be
-written into the texture. `fill_empty` copies each empty texel from its nearest covered texel, so
-bilinear lookups at chart borders and mip-maps never blend in background.
+written into the texture (`csd.raster.rasterize_uv`, the rasterizer every UV layout goes through).
+`to_texture` fills each empty texel from its nearest covered texel (`csd.texture.fill_seams`), so
+bilinear lookups at chart borders and mip-maps never blend in background; `sample_texture` is the
+array form of the one bilinear lookup (`csd.raster.bilinear_lookup`).
 
 Texture convention (OpenGL/glTF, as `stages.assets`): `(H, W, 3)` images, row 0 is v = 1, texel
 `(row, col)` has its centre at `u = (col + 0.5) / W`, `v = 1 − (row + 0.5) / H`.
@@ -21,6 +23,9 @@ import numpy as np
 import torch
 
 from csd.fields import ImplicitField
+from csd.raster import bilinear_lookup
+from csd.raster import rasterize_uv as rasterize_layout
+from csd.texture import fill_seams
 
 # Sizes the first packing: below the 0.6-0.85 share xatlas usually fills, so the atlas nearly always
 # fits the texture at once (it is then scaled up to fill it); a second packing costs a second unwrap.
@@ -154,44 +159,10 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, config: UnwrapConfig) -> UVM
     )
 
 
-def _uv_to_pixel(uvs: np.ndarray, height: int, width: int) -> np.ndarray:
-    """UVs → continuous pixel coordinates (x right, y down); texel (row, col) centre is (col + ½, row + ½)."""
-    uvs = np.asarray(uvs, dtype=np.float64)
-    return np.stack([uvs[..., 0] * width, (1.0 - uvs[..., 1]) * height], axis=-1)
-
-
-def rasterize_uv(uvs: np.ndarray, faces: np.ndarray, resolution: int, max_candidates: int = 2_000_000) -> UVRaster:
-    """Which face covers each texel centre of a `resolution`² texture, and where (vectorised over faces,
-    in batches of at most `max_candidates` texel tests)."""
-    triangles = _uv_to_pixel(uvs, resolution, resolution)[np.asarray(faces)]  # (F, 3, 2)
-    face_index = np.full(resolution * resolution, -1, dtype=np.int64)
-    barycentric = np.zeros((resolution * resolution, 3))
-    # texel centres inside each triangle's box: col in [ceil(min − ½), floor(max − ½)]
-    low = np.clip(np.ceil(triangles.min(1) - 0.5), 0, resolution - 1).astype(np.int64)
-    high = np.clip(np.floor(triangles.max(1) - 0.5), 0, resolution - 1).astype(np.int64)
-    a, b, c = triangles[:, 0], triangles[:, 1], triangles[:, 2]
-    doubled_area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
-    sizes = np.where(np.abs(doubled_area) > 1e-12, np.maximum(high - low + 1, 0).prod(1), 0)
-    ends = np.cumsum(sizes)
-    start = 0
-    while start < len(sizes):
-        end = max(start + 1, int(np.searchsorted(ends, ends[start] - sizes[start] + max_candidates, side="right")))
-        ids = np.repeat(np.arange(start, end), sizes[start:end])
-        offset = np.arange(len(ids)) - np.repeat(ends[start:end] - sizes[start:end] - (ends[start] - sizes[start]), sizes[start:end])
-        width = high[ids, 0] - low[ids, 0] + 1
-        col, row = low[ids, 0] + offset % width, low[ids, 1] + offset // width
-        # edge functions of the texel centre (col + ½, row + ½)
-        px, py = col + 0.5 - a[ids, 0], row + 0.5 - a[ids, 1]
-        ab, ac = b[ids] - a[ids], c[ids] - a[ids]
-        w_b = (px * ac[:, 1] - py * ac[:, 0]) / doubled_area[ids]
-        w_c = (ab[:, 0] * py - ab[:, 1] * px) / doubled_area[ids]
-        weights = np.stack([1.0 - w_b - w_c, w_b, w_c], axis=-1)
-        inside = (weights >= -1e-9).all(-1)
-        texel = row[inside] * resolution + col[inside]
-        face_index[texel] = ids[inside]
-        barycentric[texel] = weights[inside]
-        start = end
-    return UVRaster(face_index.reshape(resolution, resolution), barycentric.reshape(resolution, resolution, 3))
+def rasterize_uv(uvs: np.ndarray, faces: np.ndarray, resolution: int) -> UVRaster:
+    """Which face covers each texel centre of a `resolution`² texture, and where."""
+    fragments = rasterize_layout(uvs, faces, resolution, resolution)
+    return UVRaster(fragments.face_id[0].numpy().astype(np.int64), fragments.barycentrics[0].double().numpy())
 
 
 def interpolate(raster: UVRaster, faces: np.ndarray, attributes: np.ndarray) -> np.ndarray:
@@ -201,23 +172,12 @@ def interpolate(raster: UVRaster, faces: np.ndarray, attributes: np.ndarray) -> 
     return np.einsum("nk,nkc->nc", raster.barycentric[mask], corners)
 
 
-def fill_empty(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Copy every texel outside `mask` `(H, W)` from its nearest texel inside (inpainting across seams
-    and the background, so bilinear filtering at chart borders only blends chart colours)."""
-    from scipy.ndimage import distance_transform_edt
-
-    if not mask.any():
-        raise ValueError("no texel is covered: nothing to fill the texture from")
-    nearest = distance_transform_edt(~mask, return_distances=False, return_indices=True)
-    return image[nearest[0], nearest[1]]
-
-
 def to_texture(colors: np.ndarray, raster: UVRaster) -> np.ndarray:
     """Colours `(N, 3)` in [0, 1] at the covered texels → inpainted `(H, W, 3)` uint8 texture."""
     mask = raster.mask
     image = np.zeros((*mask.shape, 3))
     image[mask] = colors
-    return (np.clip(fill_empty(image, mask), 0.0, 1.0) * 255).round().astype(np.uint8)
+    return (np.clip(fill_seams(image, mask), 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 @torch.no_grad()
@@ -237,14 +197,7 @@ def bake_vertex_colors(mesh: UVMesh, vertex_colors: np.ndarray, raster: UVRaster
 
 def sample_texture(texture: np.ndarray, uvs: np.ndarray) -> np.ndarray:
     """Bilinear lookup (clamped at the edges) of `(H, W, C)` `texture` at `(..., 2)` UVs → `(..., C)` floats."""
-    height, width = texture.shape[:2]
-    pixel = _uv_to_pixel(uvs, height, width) - 0.5
-    x0 = np.clip(np.floor(pixel[..., 0]), 0, width - 1).astype(np.int64)
-    y0 = np.clip(np.floor(pixel[..., 1]), 0, height - 1).astype(np.int64)
-    x1, y1 = np.minimum(x0 + 1, width - 1), np.minimum(y0 + 1, height - 1)
-    fx = np.clip(pixel[..., 0] - x0, 0.0, 1.0)[..., None]
-    fy = np.clip(pixel[..., 1] - y0, 0.0, 1.0)[..., None]
-    image = texture.astype(np.float64)
-    top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
-    bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
-    return top * (1 - fy) + bottom * fy
+    uvs = np.asarray(uvs, dtype=np.float32)
+    image = torch.from_numpy(np.ascontiguousarray(texture, dtype=np.float32))
+    sampled = bilinear_lookup(image, torch.from_numpy(uvs.reshape(1, -1, 2)))
+    return sampled[0].double().numpy().reshape(*uvs.shape[:-1], image.shape[-1])

@@ -60,35 +60,39 @@ class TexturedMesh:
 
 
 def write_textured_mesh(mesh: TexturedMesh, directory: Path) -> dict[str, str]:
-    """Write OBJ/MTL/PNG and GLB into `directory`; returns `TEXTURED_OUTPUTS` (names → files)."""
-    import imageio.v3 as iio
+    """Write OBJ/MTL/PNG (trimesh's OBJ exporter: one `f a/a b/b c/c` corner per vertex, white
+    diffuse times the texture) and GLB into `directory`; returns `TEXTURED_OUTPUTS` (names → files)."""
+    import trimesh
+    from PIL import Image
+    from trimesh.exchange.obj import export_obj
 
     directory = Path(directory)
-    iio.imwrite(directory / TEXTURE_PNG, mesh.texture)
-    lines = [f"mtllib {MESH_MTL}", "usemtl material0"]
-    lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in mesh.vertices]
-    lines += [f"vt {u:.6f} {v:.6f}" for u, v in mesh.uvs]
-    lines += [f"f {a}/{a} {b}/{b} {c}/{c}" for a, b, c in (mesh.faces + 1)]
-    (directory / MESH_OBJ).write_text("\n".join(lines) + "\n")
-    (directory / MESH_MTL).write_text(
-        f"newmtl material0\nKa 1.000 1.000 1.000\nKd 1.000 1.000 1.000\nKs 0.000 0.000 0.000\nillum 1\nmap_Kd {TEXTURE_PNG}\n"
+    material = trimesh.visual.material.SimpleMaterial(
+        image=Image.fromarray(mesh.texture), name=Path(TEXTURE_PNG).stem, diffuse=(255, 255, 255, 255),
+        ambient=(255, 255, 255, 255), specular=(0, 0, 0, 255),
     )
+    obj = trimesh.Trimesh(mesh.vertices, mesh.faces, visual=trimesh.visual.TextureVisuals(uv=mesh.uvs, material=material), process=False)
+    text, files = export_obj(obj, include_normals=False, include_color=False, return_texture=True, mtl_name=MESH_MTL, header=None)
+    if sorted(files) != sorted([MESH_MTL, TEXTURE_PNG]):
+        raise RuntimeError(f"trimesh's OBJ export wrote {sorted(files)}, expected {MESH_MTL} and {TEXTURE_PNG}")
+    (directory / MESH_OBJ).write_text(text)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
     mesh.to_trimesh(y_up=True).export(directory / ASSET_GLB, include_normals=True)
     return dict(TEXTURED_OUTPUTS)
 
 
 def read_textured_mesh(directory: Path) -> TexturedMesh:
-    """Read what `write_textured_mesh` wrote (OBJ + PNG; exact, no re-indexing)."""
+    """Read what `write_textured_mesh` wrote (the OBJ through trimesh in file order, no re-indexing;
+    the texture from `texture.png`)."""
     import imageio.v3 as iio
+    import trimesh
 
     directory = Path(directory)
-    vertices, uvs, faces = [], [], []
-    for line in (directory / MESH_OBJ).read_text().splitlines():
-        if line.startswith("v "):
-            vertices.append([float(x) for x in line.split()[1:4]])
-        elif line.startswith("vt "):
-            uvs.append([float(x) for x in line.split()[1:3]])
-        elif line.startswith("f "):
-            faces.append([int(corner.split("/")[0]) - 1 for corner in line.split()[1:4]])
+    path = directory / MESH_OBJ
+    loaded = trimesh.load(path, process=False, maintain_order=True, skip_materials=True, force="mesh")
+    uvs = getattr(loaded.visual, "uv", None)
+    if uvs is None or len(uvs) != len(loaded.vertices):
+        raise ValueError(f"{path}: no per-vertex texture coordinates (a textured mesh has one `vt` per `v`)")
     texture = iio.imread(directory / TEXTURE_PNG)[..., :3]
-    return TexturedMesh(np.array(vertices), np.array(faces), np.array(uvs), texture)
+    return TexturedMesh(np.asarray(loaded.vertices), np.asarray(loaded.faces), np.asarray(uvs), texture)

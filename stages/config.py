@@ -105,8 +105,6 @@ FIELD_CHECKS: dict[type, dict[str, Check]] = {
         "hidden_dim": at_least(1), "n_hidden_layers": at_least(0), "density_bias": one_of("blob_magic3d", "none"),
         "density_blob_std": at_least(0, exclusive=True), "density_activation": one_of("softplus", "exp"),
         "normal_eps": at_least(0, exclusive=True),
-        # tcnn fields train but cannot be saved (csd.fields.save_field), so the stage would fail at its end
-        "backend": one_of("torch", why=" (tcnn fields cannot be saved for the mesh stage)"),
     },
     CameraConfig: {
         "distance_range": interval(positive=True), "fovy_range": interval(0, 180, positive=True),

@@ -14,26 +14,14 @@ with the target against fidelity to the source asset. `run(config, out_dir, inpu
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from csd.guidance import GuidanceConfig, ScoreDistillation, guidance_config
-from csd.models import load_prior_cached
-from csd.prompts import PromptProcessor
-from csd.raster import MeshRenderer
+from csd.guidance import GuidanceConfig, guidance_config
 from csd.schedules import Schedule, validate_schedule
-from stages.common import StageResult, StageWorkspace, StepCallback
-from stages.texture import (
-    TextureOptimConfig,
-    commit_textured,
-    evaluate,
-    optimise_texture,
-    read_input_mesh,
-    texture_tensor,
-    validate_optim,
-)
+from stages.common import StageResult, StepCallback
+from stages.texture import TextureOptimConfig, read_input_mesh, refine, validate_optim
 
 
 _SET_BY_NEGATIVE_WEIGHT = ("prompt_scale", "negative_scale", "null_scale")
@@ -94,20 +82,7 @@ def run(
     """Edit the texture of `inputs["texture"]` (or `inputs["uv"]`) toward `config.prompt` and commit `out_dir`."""
     validate(config)
     mesh = read_input_mesh(inputs, ("texture", "uv"), "edit")
-    out_dir = Path(out_dir)
-    started = time.perf_counter()
-    with StageWorkspace(out_dir, "edit", identity) as workspace:
-        prior = load_prior_cached(config.model)
-        renderer = MeshRenderer(config.renderer, mesh.vertices, mesh.faces, mesh.uvs, prior.device)
-        prompts = PromptProcessor(prior, config.prompt, config.source_prompt, view_dependent=config.view_dependent)
-        guidance = ScoreDistillation(prior, edit_guidance(config))
-        named_prompts = {"source": config.source_prompt, "target": config.prompt}
-        before = evaluate(config, renderer, texture_tensor(mesh.texture).to(prior.device), named_prompts)
-        optimised = optimise_texture(
-            "edit", config, prior, renderer, texture_tensor(mesh.texture), prompts, guidance, workspace.path, callback
-        )
-        def scores(texture):
-            after = evaluate(config, renderer, texture, named_prompts)
-            return {**{f"before_{k}": v for k, v in before.items()}, **{f"after_{k}": v for k, v in after.items()}}
-
-        return commit_textured(workspace, config, mesh, renderer, optimised, scores, started)
+    scored = {"source": config.source_prompt, "target": config.prompt}
+    return refine(
+        "edit", config, mesh, config.prompt, config.source_prompt, edit_guidance(config), scored, out_dir, identity, callback, score_before=True
+    )

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from csd.cameras import orbit_cameras
 from csd.metrics import SCORERS, score_views
+from csd.mesh import mesh_stats
 from csd.raster import MeshRenderer, MeshRendererConfig
 from stages.assets import TexturedMesh, read_textured_mesh, write_textured_mesh
 from stages.common import StageResult, StageWorkspace, StepCallback, Timer, contact_sheet, to_uint8
@@ -106,20 +106,13 @@ def _clean(mesh: TexturedMesh) -> tuple[TexturedMesh, int]:
 
 
 def _mesh_stats(mesh: TexturedMesh) -> dict:
+    """`csd.mesh.mesh_stats` of the surface (vertices merged across UV seams for the topology) with
+    the bundle's own vertex count (seams split) and texture size."""
     import trimesh
 
-    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=True)  # merged for topology, the bundle keeps seams
-    return {
-        "vertices": int(len(mesh.vertices)),
-        "faces": int(len(mesh.faces)),
-        "watertight": bool(tm.is_watertight),
-        "euler_characteristic": int(tm.euler_number),
-        "surface_area": float(tm.area),
-        "volume": float(tm.volume) if tm.is_watertight else None,
-        "bounds_min": [float(v) for v in mesh.vertices.min(0)],
-        "bounds_max": [float(v) for v in mesh.vertices.max(0)],
-        "texture_size": list(mesh.texture.shape[:2]),
-    }
+    merged = trimesh.Trimesh(mesh.vertices, mesh.faces, process=True)
+    stats = mesh_stats(np.asarray(merged.vertices), np.asarray(merged.faces))
+    return {**stats, "vertices": int(len(mesh.vertices)), "texture_size": list(mesh.texture.shape[:2])}
 
 
 def _write_video(frames: np.ndarray, path: Path, fps: int) -> None:
@@ -176,12 +169,8 @@ def run(config: ExportConfig, out_dir: Path, *, inputs: dict[str, Path] | None =
             checks = verify_bundle(work, mesh)
         renderer = MeshRenderer(config.renderer, mesh.vertices, mesh.faces, mesh.uvs)
         texture = torch.from_numpy(mesh.texture).float() / 255
-        with timer("render"), torch.no_grad():
-            cameras = orbit_cameras(config.turntable_frames, elevation=config.elevation)
-            frames = torch.cat([
-                renderer.render(texture, cameras[i : i + 8], config.render_resolution, shading="diffuse", training=False).rgb
-                for i in range(0, config.turntable_frames, 8)
-            ])
+        with timer("render"):
+            frames = renderer.turntable(texture, config.turntable_frames, config.render_resolution, "diffuse", config.elevation, chunk=8)
             frames = F.interpolate(frames, size=config.turntable_resolution, mode="bilinear", align_corners=False)
             video = f"turntable.{config.video}"
             _write_video(to_uint8(frames), work / video, config.fps)
@@ -189,7 +178,7 @@ def run(config: ExportConfig, out_dir: Path, *, inputs: dict[str, Path] | None =
             iio.imwrite(work / "preview.png", contact_sheet(to_uint8(frames[::step][:8]), columns=4))
         scores = {}
         with timer("score"), torch.no_grad():
-            views = renderer.render(texture, orbit_cameras(config.score_views, elevation=config.elevation), config.score_resolution, shading="diffuse", training=False).rgb
+            views = renderer.turntable(texture, config.score_views, config.score_resolution, "diffuse", config.elevation, chunk=config.score_views)
             targets = {"prompt": config.prompt}
             if config.edit_prompt:
                 targets = {"edit_prompt": config.edit_prompt, "prompt": config.prompt}

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from csd.cameras import orbit_cameras
 from csd.fields import load_field
 from csd.mesh import (
     CleanupConfig,
@@ -28,11 +27,10 @@ from csd.mesh import (
     extract_isosurface,
     mesh_stats,
     normalize_to_sphere,
-    raycast,
-    shade_normals,
     validate_cleanup,
     validate_extraction,
 )
+from csd.raster import MeshRenderer, MeshRendererConfig
 from stages.assets import Z_UP_TO_Y_UP
 from stages.common import StageResult, StageWorkspace, StepCallback, Timer, json_ready, write_previews
 from stages.config import dump_yaml
@@ -43,6 +41,10 @@ MESH_PLY, STATS_JSON = "mesh.ply", "stats.json"
 UP_AXES = ("z", "y")
 # glTF is y-up by specification
 _Y_UP_SUFFIXES = (".glb", ".gltf")
+PREVIEW_RENDERER = MeshRendererConfig(background="solid", normals="flat")
+"""Mesh previews: white background, face normals (the facets marching cubes and decimation left)."""
+PREVIEW_ALBEDO = 0.8
+"""Grey of the untextured mesh in its previews (a face lit head-on stays distinct from the white background)."""
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,6 @@ def load_user_mesh(path: Path, up: str) -> tuple[np.ndarray, np.ndarray, np.ndar
     return np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64), colors
 
 
-def render_turntable(vertices: np.ndarray, faces: np.ndarray, views: int, resolution: int) -> np.ndarray:
-    """`(views, R, R, 3)` grey normal-shaded renders in [0, 1] on white, from orbit cameras."""
-    return shade_normals(raycast(vertices, faces, orbit_cameras(views), resolution))
-
-
 def run(
     config: MeshConfig, out_dir: Path, *, inputs: dict[str, Path] | None = None, identity: str = "", callback: StepCallback = None
 ) -> StageResult:
@@ -149,9 +146,11 @@ def run(
         with timer("write"):
             _write_ply(work / MESH_PLY, cleaned.vertices, cleaned.faces, cleaned.vertex_colors)
         with timer("previews"):
-            previews = write_previews(
-                render_turntable(cleaned.vertices, cleaned.faces, config.preview_views, config.preview_resolution), work, "turntable"
-            )
+            # the untextured mesh: uniform grey albedo, diffuse shading from the camera's point light
+            renderer = MeshRenderer(PREVIEW_RENDERER, cleaned.vertices, cleaned.faces, np.zeros((len(cleaned.vertices), 2)), config.device)
+            grey = torch.full((1, 1, 3), PREVIEW_ALBEDO, device=renderer.device)
+            frames = renderer.turntable(grey, config.preview_views, config.preview_resolution, "diffuse")
+            previews = write_previews(frames, work, "turntable")
         timings = {**timer.totals, "total": time.perf_counter() - started}
         stats.update(mesh_stats(cleaned.vertices, cleaned.faces), vertex_colors=cleaned.vertex_colors is not None, timings=timings)
         (work / STATS_JSON).write_text(json.dumps(stats, indent=2))

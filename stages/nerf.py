@@ -19,16 +19,17 @@ from typing import Any
 
 import torch
 
-from csd.cameras import CameraConfig, orbit_cameras, sample_cameras
+from csd.cameras import CameraConfig, sample_cameras
 from csd.fields import FieldConfig, ImplicitVolume, save_field
 from csd.guidance import ScoreDistillation, guidance_config
 from csd.models import ModelConfig, load_prior_cached
 from csd.prompts import PromptProcessor, ViewThresholds
 from csd.renderer import SHADING_MODES, RendererConfig, VolumeRenderer
 from csd.schedules import Schedule, schedule_value
-from stages.common import StageResult, StageWorkspace, StepCallback, Timer, TrainingCheckpoint, write_previews
+from csd.views import render_orbit
+from stages.common import StageResult, StageWorkspace, StepCallback, Timer, write_previews
 from stages.config import dump_yaml
-from stages.progress import StepProgress
+from stages.loop import DistillationLoop, pick_shading
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,6 @@ class NerfConfig:
     preview_resolution: int = 64
 
 
-def _pick_shading(config: NerfConfig, step: int, rng: random.Random) -> str:
-    if step < config.ambient_only_steps:
-        return "albedo"
-    modes = [m for m, p in config.shading_probs.items() if p > 0]
-    return rng.choices(modes, weights=[config.shading_probs[m] for m in modes])[0]
-
-
 def validate(config: NerfConfig) -> None:
     if not config.prompt.strip():
         raise ValueError("nerf: prompt is empty")
@@ -97,15 +91,14 @@ def validate(config: NerfConfig) -> None:
         raise ValueError("nerf: perp_neg needs view_dependent: true")
 
 
-@torch.no_grad()
-def render_turntable(volume: ImplicitVolume, renderer: VolumeRenderer, views: int, resolution: int, shading: str = "albedo"):
-    """`(views, 3, R, R)` renders on a white background from orbit cameras."""
-    cameras = orbit_cameras(views).to(next(volume.parameters()).device)
-    frames = [
-        renderer.render(volume, cameras[i : i + 4], resolution, shading=shading, training=False).rgb
-        for i in range(0, views, 4)
-    ]
-    return torch.cat(frames)
+def render_turntable(
+    volume: ImplicitVolume, renderer: VolumeRenderer, views: int, resolution: int, shading: str = "albedo", elevation: float = 15.0
+):
+    """`(views, 3, R, R)` renders on the solid background from orbit cameras (`csd.views.render_orbit`)."""
+    device = next(volume.parameters()).device
+    return render_orbit(
+        lambda cameras: renderer.render(volume, cameras.to(device), resolution, shading=shading, training=False).rgb, views, elevation
+    )
 
 
 def run(
@@ -133,44 +126,31 @@ def run(
             perp_neg=config.perp_neg,
         )
         guidance = ScoreDistillation(prior, guidance_config(config.method, **config.guidance))
-        history: list[dict[str, float]] = []
-        step = 0
 
-        checkpoint = TrainingCheckpoint(work, generator, rng)
-        restored = checkpoint.load(device)
-        if restored is not None:
-            state, step, history = restored
-            volume.load_state_dict(state["field"])
-            optimizer.load_state_dict(state["optimizer"])
+        def state() -> dict:
+            return {
+                "field": volume.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "environment": renderer.environment.state_dict() if renderer.environment else None,
+                "grid": (renderer.grid.density, renderer.grid.occupied) if renderer.grid else None,
+            }
+
+        def load_state(saved: dict) -> None:
+            volume.load_state_dict(saved["field"])
+            optimizer.load_state_dict(saved["optimizer"])
             if renderer.environment is not None:
-                renderer.environment.load_state_dict(state["environment"])
+                renderer.environment.load_state_dict(saved["environment"])
             if renderer.grid is not None:
-                renderer.grid.density, renderer.grid.occupied = state["grid"]
-            log.info("nerf: resuming %s from step %d", out_dir, step)
+                renderer.grid.density, renderer.grid.occupied = saved["grid"]
 
-        def save_checkpoint() -> None:
-            checkpoint.save(
-                step,
-                history,
-                field=volume.state_dict(),
-                optimizer=optimizer.state_dict(),
-                environment=renderer.environment.state_dict() if renderer.environment else None,
-                grid=(renderer.grid.density, renderer.grid.occupied) if renderer.grid else None,
-            )
-
-        timer = Timer()
-        resumed_at = step
-        progress = StepProgress(config.steps, step, f"nerf {config.prompt[:30]}", log)
-        while step < config.steps:
-            step_start = time.perf_counter()
+        def train_step(step: int, timer: Timer) -> dict[str, float]:
             renderer.update_occupancy(volume, step, generator)
             cameras = sample_cameras(config.batch_size, config.cameras, generator, step).to(device)
-            shading = _pick_shading(config, step, rng)
+            shading = pick_shading(step, config.ambient_only_steps, config.shading_probs, rng)
             lambda_orientation = schedule_value(config.lambda_orientation, step)
             with timer("render"):
                 out = renderer.render(
-                    volume, cameras, config.resolution, shading=shading, generator=generator,
-                    compute_normals=lambda_orientation > 0,
+                    volume, cameras, config.resolution, shading=shading, generator=generator, compute_normals=lambda_orientation > 0
                 )
             with timer("guidance"):
                 z = prior.encode_images(out.rgb)
@@ -182,45 +162,37 @@ def run(
                 loss.backward()
             with timer("optimizer"):
                 optimizer.step()
-            step += 1
-            metrics = {
+            return {
                 "loss": float(loss.detach()),
                 "guidance_loss": float(guided.loss.detach()),
                 "opacity": float(out.opacity.detach().mean()),
                 "orientation": float(out.orientation.detach()),
-                "step_time": time.perf_counter() - step_start,
                 **guided.metrics(),
             }
-            history.append({"step": step, **metrics})
-            if callback is not None:
-                callback(step, metrics)
-            progress.update(metrics)
-            if step % config.checkpoint_every == 0 and step < config.steps:
-                save_checkpoint()
-        progress.close()
+
+        loop = DistillationLoop(
+            "nerf", config.prompt, work, config.steps, config.checkpoint_every, generator, rng, state, load_state, device, callback
+        )
+        trained = loop.run(train_step)
+        history, step = trained.history, trained.step
 
         save_field(volume, work)
         if renderer.environment is not None:
             torch.save(renderer.environment.state_dict(), work / "environment.pt")
         dump_yaml(config, work / "config.yaml")
         (work / "history.json").write_text(json.dumps(history))
-        with timer("previews"):
-            previews = write_previews(
-                render_turntable(volume, renderer, config.preview_views, config.preview_resolution), work, "turntable"
-            )
-            previews += write_previews(
-                render_turntable(volume, renderer, config.preview_views, config.preview_resolution, "diffuse"), work, "turntable_shaded"
-            )
-        checkpoint.remove()
-        trained = max(1, step - resumed_at)
-        timings = {f"{k}_per_step": v / trained for k, v in timer.totals.items() if k != "previews"}
-        timings.update(previews=timer.totals.get("previews", 0.0), total=time.perf_counter() - started)
+        preview_start = time.perf_counter()
+        previews = write_previews(render_turntable(volume, renderer, config.preview_views, config.preview_resolution), work, "turntable")
+        previews += write_previews(
+            render_turntable(volume, renderer, config.preview_views, config.preview_resolution, "diffuse"), work, "turntable_shaded"
+        )
+        timings = {**trained.timings, "previews": time.perf_counter() - preview_start, "total": time.perf_counter() - started}
         final = history[-1] if history else {}
         result = StageResult(
             stage="nerf",
             directory=str(out_dir),
             outputs={"field": "field.safetensors", "field_config": "field.json", "config": "config.yaml", "history": "history.json"},
-            metrics={"steps": float(step), "resumed_at": float(resumed_at), "final_loss": final.get("loss", 0.0), "final_opacity": final.get("opacity", 0.0)},
+            metrics={"steps": float(step), "resumed_at": float(trained.resumed_at), "final_loss": final.get("loss", 0.0), "final_opacity": final.get("opacity", 0.0)},
             timings=timings,
             previews=previews,
         )

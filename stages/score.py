@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from csd.cameras import orbit_cameras
+from csd.metrics import view_accuracy
 from csd.raster import MeshRenderer, MeshRendererConfig
 from csd.toy import groundtruth as gt
 from stages.assets import MESH_OBJ, TexturedMesh, read_textured_mesh
@@ -60,9 +60,10 @@ def view_scores(views: Tensor, prompt: str) -> dict[str, Any]:
     from csd.toy.evaluator import load_evaluator
 
     result = load_evaluator().score(views, prompt)
+    accuracy = view_accuracy(result)
     return {
-        "colour_accuracy": result.colour_fraction,
-        "shape_accuracy": result.shape_fraction,
+        "colour_accuracy": accuracy["colour_accuracy"],
+        "shape_accuracy": accuracy["shape_accuracy"],
         "views": len(views),
         "view_shapes": dict(Counter(result.predicted_shapes)),
         "view_colours": dict(Counter(result.predicted_colours)),
@@ -75,7 +76,7 @@ def render_views(mesh: TexturedMesh, count: int = VIEWS, resolution: int = VIEW_
     with torch.no_grad():
         render = MeshRenderer(renderer, mesh.vertices, mesh.faces, mesh.uvs)
         texture = torch.from_numpy(mesh.texture).float() / 255
-        return render.render(texture, orbit_cameras(count, elevation=elevation), resolution, shading="diffuse", training=False).rgb
+        return render.turntable(texture, count, resolution, "diffuse", elevation, chunk=count)
 
 
 def _shape_numbers(score: gt.ShapeScore) -> dict[str, Any]:
@@ -120,6 +121,7 @@ def score_field_dir(directory: Path, prompt: str, level: float, device: str = "c
     import yaml
 
     from stages.config import build_config
+    from stages.nerf import render_turntable
 
     target = toy_target(prompt)
     if target is None:
@@ -134,10 +136,7 @@ def score_field_dir(directory: Path, prompt: str, level: float, device: str = "c
     # the learned background is not saved with the field; score on the export's solid white
     config = dataclasses.replace(build_config(RendererConfig, saved, where=f"{config_path}: renderer"), background="solid")
     renderer = VolumeRenderer(config, field.bound, device)
-    with torch.no_grad():
-        cameras = orbit_cameras(VIEWS, elevation=VIEW_ELEVATION).to(device)
-        views = torch.cat([renderer.render(field, cameras[i : i + 4], VIEW_RESOLUTION, shading="diffuse", training=False).rgb
-                           for i in range(0, VIEWS, 4)])
+    views = render_turntable(field, renderer, VIEWS, VIEW_RESOLUTION, "diffuse", VIEW_ELEVATION)
     out.update(view_scores(views, prompt))
     return out
 

@@ -8,7 +8,8 @@ SD 2.1-base at 512² with `csd-refine`). It checkpoints into `<out_dir>.partial/
 resumes, and commits `out_dir` with the textured mesh (OBJ/MTL/PNG + GLB, vertices, faces and UVs
 unchanged), the resolved config, turntable previews and the per-step metric history.
 
-The optimisation loop and its helpers are shared with `stages.edit`.
+`refine` is the texture path `stages.edit` runs too, with its own prompts and guidance; the loop
+skeleton is `stages.loop.DistillationLoop` (shared with `nerf`).
 """
 
 from __future__ import annotations
@@ -20,29 +21,29 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from csd.cameras import CameraConfig, orbit_cameras, sample_cameras
-from csd.guidance import ScoreDistillation, guidance_config
+from csd.cameras import CameraConfig, sample_cameras
+from csd.guidance import GuidanceConfig, ScoreDistillation, guidance_config
 from csd.models import DiffusionPrior, ModelConfig, load_prior_cached
 from csd.prompts import PromptProcessor
-from csd.raster import MESH_SHADING_MODES, MeshRenderer, MeshRendererConfig, uv_coverage
+from csd.metrics import view_accuracy
+from csd.raster import MESH_SHADING_MODES, MeshRenderer, MeshRendererConfig, rasterize_uv
+from csd.texture import TextureImage, fill_seams
 from stages.assets import TexturedMesh, read_textured_mesh, write_textured_mesh
-from stages.common import StageResult, StageWorkspace, StepCallback, Timer, TrainingCheckpoint, write_previews
+from stages.common import StageResult, StageWorkspace, StepCallback, Timer, write_previews
 from stages.config import dump_yaml
-from stages.progress import StepProgress
+from stages.loop import DistillationLoop, LoopResult, pick_shading
 
 log = logging.getLogger(__name__)
 
 EVALUATORS = ("none", "toy")
 """`toy`: the shapes-world classifier `csd.toy.evaluator` (fraction of views with the prompt's colour/shape)."""
-_LOGIT_EPS = 0.25 / 255
-"""Texel values are clamped this far inside (0, 1) before the logit, so an untouched texel keeps its uint8 value."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,9 @@ class TextureOptimConfig:
     shading_probs: dict[str, float] = dataclasses.field(default_factory=lambda: {"albedo": 0.5, "diffuse": 0.5})
     """After the albedo-only phase, per-step probability of each shading mode (albedo, diffuse)."""
     dilation: int = 8
-    """Texel rings filled outward from the UV charts after optimisation (seam dilation), so
-    bilinear and mip-mapped lookups near chart borders never read unused texels."""
+    """Texels up to this many texels from the UV charts are filled from the nearest chart texel after
+    optimisation (seam dilation, `csd.texture.fill_seams`), so bilinear and mip-mapped lookups near
+    chart borders never read unused texels."""
     checkpoint_every: int = 200
     preview_views: int = 16
     preview_resolution: int = 128
@@ -137,113 +139,30 @@ def read_input_mesh(inputs: dict[str, Path] | None, names: tuple[str, ...], stag
     raise ValueError(f"{stage}: needs a textured-mesh directory as input {' or '.join(repr(n) for n in names)}; given: {given}")
 
 
-class TextureImage(nn.Module):
-    """The optimised texture: `sigmoid(logit(initial) + Σ_k residual_k)`, residual grids at the
-    texture size / 2^k, each looked up bilinearly (so a step costs per rendered pixel, not per texel)."""
-
-    def __init__(self, initial: Tensor, levels: int):
-        super().__init__()
-        height, width, _ = initial.shape
-        self.size = (height, width)
-        self.register_buffer("initial", initial.float().contiguous())
-        self.residuals = nn.ParameterList(
-            nn.Parameter(torch.zeros(max(1, height >> k), max(1, width >> k), 3, device=initial.device)) for k in range(levels)
-        )
-
-    def sample(self, lookup: Callable[[Tensor], Tensor]) -> Tensor:
-        """Colours at the points `lookup(image)` samples (e.g. `lambda t: rasterizer.texture(t, uv)`)."""
-        logits = _logit(lookup(self.initial))
-        for residual in self.residuals:
-            logits = logits + lookup(residual)
-        return torch.sigmoid(logits)
-
-    def forward(self) -> Tensor:
-        """The whole image `(H, W, 3)` in [0, 1] (texel centres, where sampling and composing agree)."""
-        logits = _logit(self.initial).permute(2, 0, 1)[None]
-        for residual in self.residuals:
-            grid = residual.permute(2, 0, 1)[None]
-            if grid.shape[-2:] != logits.shape[-2:]:
-                grid = F.interpolate(grid, size=self.size, mode="bilinear", align_corners=False)
-            logits = logits + grid
-        return torch.sigmoid(logits)[0].permute(1, 2, 0)
-
-
-def _logit(colour: Tensor) -> Tensor:
-    return torch.logit(colour.clamp(_LOGIT_EPS, 1 - _LOGIT_EPS))
-
-
-def dilate_seams(texture: Tensor, covered: Tensor, rings: int) -> Tensor:
-    """Fill up to `rings` texel rings around the `covered` `(H, W)` texels with the mean of their
-    already-filled neighbours; `texture` `(H, W, 3)`. Texels further out keep their values."""
-    colour = (texture * covered[..., None]).permute(2, 0, 1)[None]
-    filled = covered[None, None].float()
-    for _ in range(rings):
-        neighbours = F.avg_pool2d(filled, 3, stride=1, padding=1, count_include_pad=False)
-        grown = F.avg_pool2d(colour * filled, 3, stride=1, padding=1, count_include_pad=False)
-        fresh = (neighbours > 0) & (filled == 0)
-        if not fresh.any():
-            break
-        colour = torch.where(fresh, grown / neighbours.clamp(min=1e-8), colour)
-        filled = torch.where(fresh, torch.ones_like(filled), filled)
-    result = colour[0].permute(1, 2, 0)
-    return torch.where(filled[0, 0, ..., None] > 0, result, texture)
-
-
 def finish_texture(texture: Tensor, mesh: TexturedMesh, rings: int) -> np.ndarray:
     """`(H, W, 3)` in [0, 1] → uint8 with seams dilated from the texels the UV charts read
     (covered texel centres plus the one-texel ring a bilinear lookup reaches)."""
     height, width, _ = texture.shape
-    covered = uv_coverage(mesh.uvs, mesh.faces, height, width).to(texture.device)
-    covered = F.max_pool2d(covered[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
-    dilated = dilate_seams(texture.detach().float(), covered, rings)
-    return (dilated.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-
-
-def _pick_shading(config: TextureOptimConfig, step: int, rng: random.Random) -> str:
-    if step < config.ambient_only_steps:
-        return "albedo"
-    modes = [m for m, p in config.shading_probs.items() if p > 0]
-    return rng.choices(modes, weights=[config.shading_probs[m] for m in modes])[0]
-
-
-@torch.no_grad()
-def render_turntable(renderer: MeshRenderer, texture: Tensor, views: int, resolution: int, shading: str = "albedo") -> Tensor:
-    """`(views, 3, R, R)` renders on the solid background from orbit cameras."""
-    cameras = orbit_cameras(views)
-    frames = [
-        renderer.render(texture, cameras[i : i + 4], resolution, shading=shading, training=False).rgb for i in range(0, views, 4)
-    ]
-    return torch.cat(frames)
+    covered = rasterize_uv(mesh.uvs, mesh.faces, height, width).mask.float()
+    covered = (F.max_pool2d(covered[None], 3, stride=1, padding=1)[0, 0] > 0).numpy()
+    dilated = fill_seams(texture.detach().float().clamp(0, 1).cpu().numpy(), covered, rings)
+    return (dilated * 255).round().astype(np.uint8)
 
 
 def evaluate(config: TextureOptimConfig, renderer: MeshRenderer, texture: Tensor, prompts: dict[str, str]) -> dict[str, float]:
-    """Evaluator scores of shaded orbit views against each named prompt: `<name>_colour`,
-    `<name>_shape` and `<name>_correct` (fractions of views with the prompt's colour, shape, both)."""
+    """Evaluator scores of shaded orbit views against each named prompt: `<name>_colour_accuracy`,
+    `<name>_shape_accuracy` and `<name>_accuracy` (fractions of views with the prompt's colour, shape,
+    both; `csd.metrics.view_accuracy`)."""
     if config.evaluator == "none":
         return {}
     from csd.toy.evaluator import load_evaluator
 
     evaluator = load_evaluator(device=renderer.device)
-    frames = render_turntable(renderer, texture.detach(), config.evaluation_views, evaluator.config.resolution, "diffuse")
+    frames = renderer.turntable(texture.detach(), config.evaluation_views, evaluator.config.resolution, "diffuse")
     metrics = {}
     for name, prompt in prompts.items():
-        scores = evaluator.score(frames, prompt)
-        metrics[f"{name}_colour"] = scores.colour_fraction
-        metrics[f"{name}_shape"] = scores.shape_fraction
-        metrics[f"{name}_correct"] = scores.fraction_correct
+        metrics.update({f"{name}_{key}": value for key, value in view_accuracy(evaluator.score(frames, prompt)).items()})
     return metrics
-
-
-@dataclass
-class Optimised:
-    """What `optimise_texture` hands back: the final texture `(H, W, 3)` in [0, 1], the metric
-    history, per-step timings and where the run started and ended."""
-
-    texture: Tensor
-    history: list[dict[str, float]]
-    timings: dict[str, float]
-    step: int
-    resumed_at: int
 
 
 def optimise_texture(
@@ -256,34 +175,26 @@ def optimise_texture(
     guidance: ScoreDistillation,
     work: Path,
     callback: StepCallback = None,
-) -> Optimised:
-    """Run (or resume from `work/checkpoint.pt`) the score-distillation loop on the texture image."""
+) -> tuple[Tensor, LoopResult]:
+    """Run (or resume from `work/checkpoint.pt`) the score-distillation loop on the texture image
+    `initial` `(H, W, 3)` in [0, 1]; returns the final texture (same shape, on the prior's device)
+    and the loop's history and timings."""
     device = prior.device
     texture = TextureImage(initial.to(device), config.texture_levels)
     optimizer = torch.optim.Adam(texture.parameters(), lr=config.lr, eps=config.adam_eps)
     generator = torch.Generator().manual_seed(config.seed)
     rng = random.Random(config.seed)
-    history: list[dict[str, float]] = []
-    step = 0
 
-    checkpoint = TrainingCheckpoint(work, generator, rng)
-    restored = checkpoint.load(device)
-    if restored is not None:
-        state, step, history = restored
-        texture.load_state_dict(state["texture"])
-        optimizer.load_state_dict(state["optimizer"])
-        log.info("%s: resuming %s from step %d", stage, work, step)
+    def state() -> dict:
+        return {"texture": texture.state_dict(), "optimizer": optimizer.state_dict()}
 
-    def save_checkpoint() -> None:
-        checkpoint.save(step, history, texture=texture.state_dict(), optimizer=optimizer.state_dict())
+    def load_state(saved: dict) -> None:
+        texture.load_state_dict(saved["texture"])
+        optimizer.load_state_dict(saved["optimizer"])
 
-    timer = Timer()
-    resumed_at = step
-    progress = StepProgress(config.steps, step, f"{stage} {prompts.prompt[:30]}", log)
-    while step < config.steps:
-        step_start = time.perf_counter()
+    def train_step(step: int, timer: Timer) -> dict[str, float]:
         cameras = sample_cameras(config.batch_size, config.cameras, generator, step).to(device)
-        shading = _pick_shading(config, step, rng)
+        shading = pick_shading(step, config.ambient_only_steps, config.shading_probs, rng)
         with timer("raster"):
             fragments = renderer.rasterize(cameras, config.resolution)
         with timer("texture"):
@@ -298,25 +209,14 @@ def optimise_texture(
             guided.loss.backward()
         with timer("optimizer"):
             optimizer.step()
-        step += 1
-        metrics = {
-            "loss": float(guided.loss.detach()),
-            "coverage": float(out.opacity.detach().mean()),
-            "step_time": time.perf_counter() - step_start,
-            **guided.metrics(),
-        }
-        history.append({"step": step, **metrics})
-        if callback is not None:
-            callback(step, metrics)
-        progress.update(metrics)
-        if step % config.checkpoint_every == 0 and step < config.steps:
-            save_checkpoint()
-    progress.close()
-    checkpoint.remove()
-    trained = max(1, step - resumed_at)
+        return {"loss": float(guided.loss.detach()), "coverage": float(out.opacity.detach().mean()), **guided.metrics()}
+
+    loop = DistillationLoop(
+        stage, prompts.prompt, work, config.steps, config.checkpoint_every, generator, rng, state, load_state, device, callback
+    )
+    trained = loop.run(train_step)
     with torch.no_grad():
-        final = texture()
-    return Optimised(final, history, {f"{k}_per_step": v / trained for k, v in timer.totals.items()}, step, resumed_at)
+        return texture(), trained
 
 
 def write_result(
@@ -329,10 +229,8 @@ def write_result(
     (work / "history.json").write_text(json.dumps(history))
     started = time.perf_counter()
     image = texture_tensor(texture).to(renderer.device)
-    previews = write_previews(render_turntable(renderer, image, config.preview_views, config.preview_resolution), work, "turntable")
-    previews += write_previews(
-        render_turntable(renderer, image, config.preview_views, config.preview_resolution, "diffuse"), work, "turntable_shaded"
-    )
+    previews = write_previews(renderer.turntable(image, config.preview_views, config.preview_resolution), work, "turntable")
+    previews += write_previews(renderer.turntable(image, config.preview_views, config.preview_resolution, "diffuse"), work, "turntable_shaded")
     return {**outputs, "config": "config.yaml", "history": "history.json"}, previews, time.perf_counter() - started
 
 
@@ -346,36 +244,54 @@ def mean_change(before: np.ndarray, after: np.ndarray) -> float:
     return float(np.abs(after.astype(np.int16) - before.astype(np.int16)).mean() / 255)
 
 
-def commit_textured(
-    workspace: StageWorkspace,
+def refine(
+    stage: str,
     config: TextureOptimConfig,
     mesh: TexturedMesh,
-    renderer: MeshRenderer,
-    optimised: Optimised,
-    scores: Callable[[Tensor], dict[str, float]],
-    started: float,
+    prompt: str,
+    negative_prompt: str,
+    guidance_preset: GuidanceConfig,
+    scored_prompts: dict[str, str],
+    out_dir: Path,
+    identity: str = "",
+    callback: StepCallback = None,
+    score_before: bool = False,
 ) -> StageResult:
-    """Dilate seams, write the textured mesh and previews, score the final texture and commit.
-
-    `scores` maps the final texture `(Ht, Wt, 3)` in [0, 1] (on the prior's device) to metrics."""
-    texture = finish_texture(optimised.texture, mesh, config.dilation)
-    outputs, previews, preview_seconds = write_result(config, mesh, texture, renderer, optimised.history, workspace.path)
-    last = optimised.history[-1] if optimised.history else {}
-    result = StageResult(
-        stage=workspace.stage,
-        directory=str(workspace.final),
-        outputs=outputs,
-        metrics={
-            "steps": float(optimised.step),
-            "resumed_at": float(optimised.resumed_at),
-            "final_loss": last.get("loss", 0.0),
-            "texture_change": mean_change(mesh.texture, texture),
-            **scores(texture_tensor(texture).to(renderer.device)),
-        },
-        timings={**optimised.timings, "previews": preview_seconds, "total": time.perf_counter() - started},
-        previews=previews,
-    )
-    return workspace.commit(result)
+    """The texture path `texture` and `edit` share: distil `mesh`'s texture toward `prompt` (away from
+    `negative_prompt`) with `guidance_preset`, dilate seams, write the textured mesh and previews,
+    score the result against each of `scored_prompts` (name → prompt) and commit `out_dir` as `stage`.
+    `score_before`: also score the input texture (metrics `before_<name>_…` and `after_<name>_…`)."""
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    with StageWorkspace(out_dir, stage, identity) as workspace:
+        prior = load_prior_cached(config.model)
+        renderer = MeshRenderer(config.renderer, mesh.vertices, mesh.faces, mesh.uvs, prior.device)
+        prompts = PromptProcessor(prior, prompt, negative_prompt, view_dependent=config.view_dependent)
+        guidance = ScoreDistillation(prior, guidance_preset)
+        initial = texture_tensor(mesh.texture)
+        before = evaluate(config, renderer, initial.to(prior.device), scored_prompts) if score_before else {}
+        final, trained = optimise_texture(stage, config, prior, renderer, initial, prompts, guidance, workspace.path, callback)
+        texture = finish_texture(final, mesh, config.dilation)
+        outputs, previews, preview_seconds = write_result(config, mesh, texture, renderer, trained.history, workspace.path)
+        after = evaluate(config, renderer, texture_tensor(texture).to(renderer.device), scored_prompts)
+        if score_before:
+            after = {**{f"before_{k}": v for k, v in before.items()}, **{f"after_{k}": v for k, v in after.items()}}
+        last = trained.history[-1] if trained.history else {}
+        result = StageResult(
+            stage=stage,
+            directory=str(out_dir),
+            outputs=outputs,
+            metrics={
+                "steps": float(trained.step),
+                "resumed_at": float(trained.resumed_at),
+                "final_loss": last.get("loss", 0.0),
+                "texture_change": mean_change(mesh.texture, texture),
+                **after,
+            },
+            timings={**trained.timings, "previews": preview_seconds, "total": time.perf_counter() - started},
+            previews=previews,
+        )
+        return workspace.commit(result)
 
 
 def run(
@@ -384,15 +300,5 @@ def run(
     """Refine the texture of `inputs["uv"]` for `config.steps` steps (resuming a checkpoint) and commit `out_dir`."""
     validate(config)
     mesh = read_input_mesh(inputs, ("uv",), "texture")
-    out_dir = Path(out_dir)
-    started = time.perf_counter()
-    with StageWorkspace(out_dir, "texture", identity) as workspace:
-        prior = load_prior_cached(config.model)
-        renderer = MeshRenderer(config.renderer, mesh.vertices, mesh.faces, mesh.uvs, prior.device)
-        prompts = PromptProcessor(prior, config.prompt, config.negative_prompt, view_dependent=config.view_dependent)
-        guidance = ScoreDistillation(prior, guidance_config(config.method, **config.guidance))
-        optimised = optimise_texture(
-            "texture", config, prior, renderer, texture_tensor(mesh.texture), prompts, guidance, workspace.path, callback
-        )
-        scores = lambda texture: evaluate(config, renderer, texture, {"prompt": config.prompt})  # noqa: E731
-        return commit_textured(workspace, config, mesh, renderer, optimised, scores, started)
+    guidance = guidance_config(config.method, **config.guidance)
+    return refine("texture", config, mesh, config.prompt, config.negative_prompt, guidance, {"prompt": config.prompt}, out_dir, identity, callback)

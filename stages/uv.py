@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csd.cameras import orbit_cameras
 from csd.fields import load_field
-from csd.mesh import raycast
-from csd.uv import UnwrapConfig, bake_albedo, bake_vertex_colors, rasterize_uv, sample_texture, unwrap, validate_unwrap
+from csd.raster import MeshRenderer, MeshRendererConfig
+from csd.uv import UnwrapConfig, bake_albedo, bake_vertex_colors, rasterize_uv, unwrap, validate_unwrap
 from stages.assets import TexturedMesh, write_textured_mesh
 from stages.common import StageResult, StageWorkspace, StepCallback, Timer, completed, write_previews
 from stages.config import dump_yaml
@@ -31,6 +30,7 @@ from stages.config import dump_yaml
 log = logging.getLogger(__name__)
 
 STATS_JSON = "stats.json"
+PREVIEW_RENDERER = MeshRendererConfig(background="solid")
 
 
 @dataclass(frozen=True)
@@ -70,16 +70,6 @@ def _mesh_file(inputs: dict[str, Path] | None) -> Path:
     return result.path("mesh")
 
 
-def render_turntable(mesh: TexturedMesh, views: int, resolution: int) -> np.ndarray:
-    """`(views, R, R, 3)` unlit textured renders in [0, 1] on white, from orbit cameras."""
-    hits = raycast(mesh.vertices, mesh.faces, orbit_cameras(views), resolution)
-    hit = hits.face_index >= 0
-    uvs = np.einsum("nk,nkc->nc", hits.barycentric[hit], mesh.uvs[mesh.faces[hits.face_index[hit]]])
-    frames = np.ones((*hits.face_index.shape, 3))
-    frames[hit] = sample_texture(mesh.texture, uvs) / 255.0
-    return frames
-
-
 def run(
     config: UVConfig, out_dir: Path, *, inputs: dict[str, Path] | None = None, identity: str = "", callback: StepCallback = None
 ) -> StageResult:
@@ -117,7 +107,10 @@ def run(
         with timer("write"):
             outputs = write_textured_mesh(textured, work)
         with timer("previews"):
-            previews = write_previews(render_turntable(textured, config.preview_views, config.preview_resolution), work, "turntable")
+            # unlit textured renders on white
+            renderer = MeshRenderer(PREVIEW_RENDERER, textured.vertices, textured.faces, textured.uvs, config.device)
+            image = torch.from_numpy(texture).to(renderer.device).float() / 255
+            previews = write_previews(renderer.turntable(image, config.preview_views, config.preview_resolution), work, "turntable")
         timings = {**timer.totals, "total": time.perf_counter() - started}
 
         stats = {

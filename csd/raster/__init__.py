@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from csd.cameras import Cameras
+from csd.shading import diffuse_shade, random_background
+from csd.views import render_orbit
 
 RASTERIZERS = ("cpu", "nvdiffrast", "auto")
 MESH_SHADING_MODES = ("albedo", "diffuse")
@@ -74,20 +76,25 @@ class Rasterizer(ABC):
         return values * mask[..., None]
 
     def texture(self, image: Tensor, uv: Tensor) -> Tensor:
-        """Bilinear lookup, differentiable w.r.t. `image`.
-
-        `image` `(Ht, Wt, C)` with row 0 at v = 1 (as `TexturedMesh.texture`); `uv` `(B, H, W, 2)` in
-        [0, 1], v up; texel centres at `(i + 0.5) / Wt`, coordinates beyond the edge clamp to the
-        border texels (nvdiffrast's `boundary_mode="clamp"`). Returns `(B, H, W, C)`."""
-        batch = uv.shape[0]
-        grid = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], -1)
-        source = image.permute(2, 0, 1)[None].expand(batch, -1, -1, -1)
-        sampled = F.grid_sample(source, grid.to(image.dtype), mode="bilinear", padding_mode="border", align_corners=False)
-        return sampled.permute(0, 2, 3, 1)
+        """Bilinear lookup `(B, H, W, C)` of `image` at `uv` `(B, H, W, 2)` (see `bilinear_lookup`)."""
+        return bilinear_lookup(image, uv)
 
     def antialias(self, image: Tensor, fragments: Fragments, faces: Tensor) -> Tensor:
         """Smooth silhouette edges of `image` `(B, H, W, C)`; the identity for supersampling backends."""
         return image
+
+
+def bilinear_lookup(image: Tensor, uv: Tensor) -> Tensor:
+    """Bilinear texture lookup, differentiable w.r.t. `image`: the project's one texture filter.
+
+    `image` `(Ht, Wt, C)` with row 0 at v = 1 (as `TexturedMesh.texture`); `uv` `(B, ..., 2)` in
+    [0, 1], v up; texel centres at `(i + 0.5) / Wt`, coordinates beyond the edge clamp to the
+    border texels (nvdiffrast's `boundary_mode="clamp"`). Returns `(B, ..., C)`."""
+    batch, shape = uv.shape[0], uv.shape[1:-1]
+    grid = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], -1).reshape(batch, -1, 1, 2)
+    source = image.permute(2, 0, 1)[None].expand(batch, -1, -1, -1)
+    sampled = F.grid_sample(source, grid.to(image.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled[..., 0].permute(0, 2, 1).reshape(batch, *shape, image.shape[-1])
 
 
 def nvdiffrast_available() -> bool:
@@ -114,14 +121,16 @@ def get_rasterizer(name: str, device: str | torch.device = "cpu") -> Rasterizer:
     return NvdiffrastRasterizer(device)
 
 
-def uv_coverage(uvs, faces, height: int, width: int) -> Tensor:
-    """`(height, width)` bool: texels whose centres some UV triangle covers (row 0 at v = 1)."""
+def rasterize_uv(uvs, faces, height: int, width: int) -> Fragments:
+    """The UV layout rasterized into a `(height, width)` texture (batch of one; row 0 at v = 1):
+    which face covers each texel centre `((col + ½) / W, 1 − (row + ½) / H)` and its (linear)
+    barycentrics. `uvs` `(V, 2)`, `faces` `(F, 3)`; centres on an edge count as covered, overlaps go
+    to the lower face id."""
     from csd.raster.cpu import rasterize_screen
 
     uv = torch.as_tensor(np.asarray(uvs), dtype=torch.float32)
     pixels = torch.stack([uv[:, 0] * width, (1 - uv[:, 1]) * height], -1)[None]
-    layout = rasterize_screen(pixels, torch.ones(1, uv.shape[0]), torch.as_tensor(np.asarray(faces), dtype=torch.long), height, width)
-    return layout.mask[0]
+    return rasterize_screen(pixels, torch.ones(1, uv.shape[0]), torch.as_tensor(np.asarray(faces), dtype=torch.long), height, width)
 
 
 @dataclass(frozen=True)
@@ -241,9 +250,7 @@ class MeshRenderer:
             # two-sided: a face seen from behind is lit as if it faced the camera
             to_camera = cameras.position[:, None, None, :] - points
             normal = torch.where((normal * to_camera).sum(-1, keepdim=True) < 0, -normal, normal)
-            to_light = F.normalize(cameras.light_position[:, None, None, :] - points, dim=-1)
-            lambert = (normal * to_light).sum(-1, keepdim=True).clamp(min=0)
-            colour = colour * (c.ambient + (1 - c.ambient) * lambert)
+            colour = colour * diffuse_shade(normal, points, cameras.light_position[:, None, None, :], c.ambient)
         background = self._background(batch, generator, training).view(batch, 1, 1, 3)
         rgba = torch.cat([colour * mask + background * (1 - mask), mask], -1)
         rgba = self.rasterizer.antialias(rgba, fragments, self.faces)
@@ -266,12 +273,18 @@ class MeshRenderer:
         albedo = self.rasterizer.texture(texture, self.uv(fragments))
         return self.shade(albedo, fragments, cameras, shading, generator, training)
 
+    def turntable(
+        self, texture: Tensor, views: int, resolution: int, shading: str = "albedo", elevation: float = 15.0, chunk: int = 4
+    ) -> Tensor:
+        """`(views, 3, R, R)` renders of `texture` from orbit cameras (`csd.views.render_orbit`) on
+        the solid background: the previews, turntables and evaluator views of every mesh stage."""
+        return render_orbit(lambda cameras: self.render(texture, cameras, resolution, shading, training=False).rgb, views, elevation, chunk)
+
     def _background(self, batch: int, generator: torch.Generator | None, training: bool) -> Tensor:
         """`(B, 3)` background colours (as `VolumeRenderer.background`)."""
         c = self.config
         if c.background == "random" and training:
-            low, high = c.random_background_range
-            return (low + (high - low) * torch.rand(batch, 3, generator=generator)).to(self.device)
+            return random_background(batch, c.random_background_range, generator, self.device)
         return torch.tensor(c.background_color, dtype=torch.float32, device=self.device).expand(batch, 3)
 
 
@@ -287,5 +300,6 @@ __all__ = [
     "MeshRenderer",
     "face_normals",
     "smooth_vertex_normals",
-    "uv_coverage",
+    "bilinear_lookup",
+    "rasterize_uv",
 ]

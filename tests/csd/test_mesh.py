@@ -155,7 +155,7 @@ def test_auto_threshold_surface_has_the_rendered_silhouette():
     # must be the volume render's opacity-0.5 silhouette
     from csd.cameras import orbit_cameras
     from csd.fields import FieldConfig, ImplicitVolume
-    from csd.mesh import raycast
+    from csd.raster import get_rasterizer
     from csd.renderer import RendererConfig, VolumeRenderer
 
     torch.manual_seed(0)
@@ -167,7 +167,8 @@ def test_auto_threshold_surface_has_the_rendered_silhouette():
     with torch.no_grad():
         opaque = renderer.render(volume, cameras, 32, training=False).opacity[:, 0].numpy() > 0.5
     surface = extract_isosurface(volume, ExtractionConfig(resolution=64, coarse_resolution=48, threshold="auto"))
-    silhouette = raycast(surface.vertices, surface.faces, cameras, 32).face_index >= 0
+    vertices, faces = (torch.as_tensor(a) for a in (surface.vertices, surface.faces))
+    silhouette = get_rasterizer("cpu").rasterize(vertices.float(), faces, cameras, 32, 32).mask.numpy()
     assert (silhouette & opaque).sum() / (silhouette | opaque).sum() > 0.9
 
 

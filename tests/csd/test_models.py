@@ -170,3 +170,20 @@ def test_latent_resolution_is_unet_size_times_vae_downsampling():
     vae = SimpleNamespace(config=SimpleNamespace(sample_size=768, block_out_channels=[128, 256, 512, 512]))
     prior = DiffusionPrior("sd21", unet, None, None, torch.linspace(0.99, 0.01, 10), vae, torch.device("cpu"), torch.float32, 77)
     assert prior.resolution == 512
+
+
+@pytest.mark.parametrize("option", ["channels_last", "attention_slicing"])
+def test_speed_and_memory_options_change_the_layout_not_the_noise_prediction(sd_like_model, option):
+    plain = load_prior(ModelConfig(model=str(sd_like_model)))
+    tuned = load_prior(ModelConfig(model=str(sd_like_model), **{option: True}))
+    conv = next(m for m in tuned.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    if option == "channels_last":
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    else:
+        sliced = [m.processor for m in tuned.unet.modules() if hasattr(m, "processor")]
+        assert sliced and all("Sliced" in type(p).__name__ for p in sliced), {type(p).__name__ for p in sliced}
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 16, 16, generator=generator)
+    text = plain.encode_text(["a red cube", "a blue sphere"])
+    t = torch.tensor([100, 700])
+    torch.testing.assert_close(tuned.predict_noise(z, t, text), plain.predict_noise(z, t, text), atol=1e-5, rtol=1e-4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from csd.cameras import Cameras, get_rays, make_cameras
-from csd.raster import MeshRenderer, MeshRendererConfig, get_rasterizer, uv_coverage
+from csd.raster import MeshRenderer, MeshRendererConfig, get_rasterizer, rasterize_uv
 from csd.raster import cpu as cpu_backend
 
 
@@ -219,9 +219,9 @@ def test_random_background_only_while_training():
     assert torch.equal(renderer.render(texture, cameras, 8, training=False).rgb[:, :, 0, 0], torch.ones(2, 3))
 
 
-def test_uv_coverage_of_a_half_square():
+def test_rasterize_uv_of_a_half_square():
     uvs = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    covered = uv_coverage(uvs, np.array([[0, 1, 2]]), 8, 8)
+    covered = rasterize_uv(uvs, np.array([[0, 1, 2]]), 8, 8).mask[0]
     rows, cols = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
     u, v = (cols + 0.5) / 8, 1 - (rows + 0.5) / 8
     assert np.array_equal(covered.numpy(), u + v <= 1), "texel centres under the triangle (row 0 at v = 1)"

@@ -100,9 +100,9 @@ def test_shipped_catalogs_are_valid():
 
 
 # nested config values the stages would refuse only after the model loaded
-NESTED = """asset_id,prompt,mesh,nerf.renderer.background,nerf.field.backend,nerf.cameras.distance_range,nerf.renderer.num_samples
+NESTED = """asset_id,prompt,mesh,nerf.renderer.background,nerf.field.density_activation,nerf.cameras.distance_range,nerf.renderer.num_samples
 bg,a red cube,,lerned,,,
-tcnn,a red cube,,,tcnn,,
+relu,a red cube,,,relu,,
 cams,a red cube,,,,"[2, -1]",
 samples,a red cube,,,,,0
 two,a red cube,,lerned,,,0
@@ -130,7 +130,7 @@ def test_bad_nested_values_and_unloadable_meshes_are_refused_at_planning(tmp_pat
         "line 7, column 'mesh' (asset 'garbage'): 'meshes/garbage.obj' cannot be loaded as a mesh (ValueError: ",
         "line 8, column 'mesh' (asset 'empty'): 'meshes/empty.obj' cannot be loaded as a mesh",
         "line 2, column 'nerf.renderer.background' (asset 'bg'): 'lerned' is not one of solid, random, learned",
-        "line 3, column 'nerf.field.backend' (asset 'tcnn'): 'tcnn' is not one of torch",
+        "line 3, column 'nerf.field.density_activation' (asset 'relu'): 'relu' is not one of softplus, exp",
         "line 4, column 'nerf.cameras.distance_range' (asset 'cams'): [2, -1] has min > max; expected [min, max] with min <= max",
         "line 5, column 'nerf.renderer.num_samples' (asset 'samples'): 0 must be >= 1",
         "line 6, column 'nerf.renderer.num_samples' (asset 'two'): 0 must be >= 1",  # every bad value of a row, in field order

@@ -60,7 +60,7 @@ def test_card_has_real_values(bundle):
     assert (card["prompt"], card["negative_prompt"], card["seed"], card["preset"]) == ("a red sphere", "ugly", 3, "toy-cpu")
     assert card["stages"]["uv"] == {"identity": "uv-id", "timings": {"total": 1.5}, "metrics": {}}
     assert card["mesh"]["faces"] == len(mesh.faces) and card["mesh"]["watertight"] is True
-    assert card["mesh"]["surface_area"] == pytest.approx(np.pi, rel=0.05)
+    assert card["mesh"]["area"] == pytest.approx(np.pi, rel=0.05)
     assert card["software"]["torch"] != "not installed"
     assert result.identity == "export-id" and result.metrics["faces"] == len(mesh.faces)
 

@@ -56,10 +56,10 @@ def test_a_changed_source_file_changes_the_fingerprint_of_the_stages_that_import
     assert before == {m: source_fingerprint(m, root) for m in before}, "an unchanged tree keeps its fingerprints"
     assert before == {m: source_fingerprint(m) for m in before}, "the fingerprint depends on content, not on where the tree is"
 
-    with (root / "csd" / "mesh.py").open("a") as handle:
-        handle.write("\n# a change to the mesh utilities\n")
+    with (root / "csd" / "raster" / "__init__.py").open("a") as handle:
+        handle.write("\n# a change to the mesh renderer\n")
     after = {m: source_fingerprint(m, root) for m in before}
-    assert [m for m in before if after[m] != before[m]] == ["stages.mesh", "stages.uv"], "uv and mesh import csd.mesh; nerf does not"
+    assert [m for m in before if after[m] != before[m]] == ["stages.mesh", "stages.uv"], "uv and mesh render with csd.raster; nerf does not"
 
     with (root / "stages" / "nerf.py").open("a") as handle:
         handle.write("\n# a change to the nerf stage\n")

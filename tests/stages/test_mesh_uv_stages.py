@@ -116,6 +116,18 @@ def test_user_glb_is_turned_z_up_normalised_and_textured_from_its_vertex_colours
     upper, lower = (z > 0).all(1), (z < 0).all(1)
     assert (colours[upper, 0] > 200).mean() > 0.99 and (colours[lower, 2] > 200).mean() > 0.99
 
+    # previews through the textured stages' MeshRenderer: grey shading for the mesh, red above blue for the uv stage
+    import imageio.v3 as iio
+
+    grey = iio.imread(tmp_path / "mesh" / "turntable.png")[..., :3].astype(int)
+    drawn = (grey < 250).any(-1)
+    assert drawn.mean() > 0.05 and (np.ptp(grey[drawn], axis=-1) <= 1).all(), "the untextured mesh renders grey"
+    assert np.ptp(grey[drawn][:, 0]) > 40, "diffuse shading: faces turned from the light are darker"
+    sheet = iio.imread(tmp_path / "uv" / "turntable.png")[..., :3].astype(int)
+    red = (sheet[..., 0] > 180) & (sheet[..., 2] < 80)
+    blue = (sheet[..., 2] > 180) & (sheet[..., 0] < 80)
+    assert red.sum() > 500 and blue.sum() > 500 and np.nonzero(red)[0].mean() < np.nonzero(blue)[0].mean()
+
 
 def test_uv_stage_without_field_or_colours_gives_a_grey_texture(tmp_path):
     trimesh.creation.icosphere(subdivisions=2).export(tmp_path / "ball.obj")

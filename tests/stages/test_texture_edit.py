@@ -13,7 +13,8 @@ from stages.common import completed
 from stages.config import ConfigError, build_config, load_preset
 from stages.edit import EditConfig, edit_guidance
 from stages.edit import run as run_edit
-from stages.texture import TextureConfig, TextureImage, dilate_seams
+from csd.texture import TextureImage
+from stages.texture import TextureConfig
 from stages.texture import run as run_texture
 
 GREY = 128
@@ -131,16 +132,6 @@ def test_bad_configs_and_inputs_are_rejected_before_work(if_like_model, uv_dir, 
     with pytest.raises(ValueError, match="source_prompt is empty"):
         run_edit(_edit_config(if_like_model, source_prompt=""), tmp_path / "e", inputs={"texture": uv_dir})
     assert not (tmp_path / "t").exists() and not (tmp_path / "e").exists()
-
-
-def test_dilate_seams_fills_rings_outward_from_charts():
-    texture = torch.zeros(5, 7, 3)
-    texture[2, 3] = torch.tensor([0.2, 0.4, 0.6])
-    covered = torch.zeros(5, 7, dtype=torch.bool)
-    covered[2, 3] = True
-    dilated = dilate_seams(texture, covered, rings=2)
-    assert torch.allclose(dilated[0:5, 1:6], torch.tensor([0.2, 0.4, 0.6]).expand(5, 5, 3)), "two rings filled"
-    assert torch.equal(dilated[:, 0], texture[:, 0]) and torch.equal(dilated[:, 6], texture[:, 6]), "the third ring untouched"
 
 
 def test_texture_image_sampling_agrees_with_the_composed_image():

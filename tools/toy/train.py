@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from csd.toy.model import MAX_LENGTH, build_scheduler, build_text_encoder, build_tokenizer, build_unet, save_pipeline
 from csd.toy.world import COLOUR_NAMES, SHAPES, WorldConfig, sample_batch
+from stages.common import atomic_save
 
 log = logging.getLogger("tools.toy.train")
 
@@ -42,9 +43,7 @@ def build_pool(path: Path, size: int, seed: int, chunk: int = 1024) -> tuple[tor
         images.append((batch.images * 255).round().to(torch.uint8))
         captions += batch.captions
     images = torch.cat(images)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"images": images, "captions": captions}, tmp)
-    os.replace(tmp, path)
+    atomic_save(lambda tmp: torch.save({"images": images, "captions": captions}, tmp), path)
     return images, captions
 
 
@@ -152,22 +151,18 @@ def main(argv: list[str] | None = None) -> None:
     loss_weight = snr.clamp(max=5.0) / snr  # min-SNR-5 for ε-prediction
 
     def save_state():
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save(
-            {
-                "unet": unet.state_dict(),
-                "text_encoder": text_encoder.state_dict(),
-                "ema_unet": ema_unet.state_dict(),
-                "ema_text": ema_text.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
-                "step": step,
-                "losses": losses,
-                "args": vars(args),
-            },
-            tmp,
-        )
-        os.replace(tmp, checkpoint)
+        state = {
+            "unet": unet.state_dict(),
+            "text_encoder": text_encoder.state_dict(),
+            "ema_unet": ema_unet.state_dict(),
+            "ema_text": ema_text.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "step": step,
+            "losses": losses,
+            "args": vars(args),
+        }
+        atomic_save(lambda tmp: torch.save(state, tmp), checkpoint)
 
     progress = tqdm(total=args.steps, initial=step, desc="toy prior", mininterval=5)
     started = time.time()

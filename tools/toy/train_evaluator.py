@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,7 @@ from csd.toy.evaluator import (
     render_objects,
 )
 from csd.toy.world import QUALITY_TAGS, degrade, tinted_backgrounds
+from stages.common import atomic_save, atomic_write_text
 
 log = logging.getLogger("tools.toy.train_evaluator")
 
@@ -153,8 +153,7 @@ def _pool(n: int, seed: int, other: bool, cache_dir: Path | None) -> Layers:
     layers = render_objects(n, seed, progress=True, other=other)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(asdict(layers), cache.with_suffix(".tmp"))
-        os.replace(cache.with_suffix(".tmp"), cache)
+        atomic_save(lambda tmp: torch.save(asdict(layers), tmp), cache)
     return layers
 
 
@@ -230,12 +229,10 @@ def save_evaluator(evaluator: Evaluator, path: Path, training: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in evaluator.state_dict().items()}
-    save_file(state, str(path.with_suffix(".tmp")))
-    os.replace(path.with_suffix(".tmp"), path)
+    atomic_save(lambda tmp: save_file(state, str(tmp)), path)
     record = {"architecture": asdict(evaluator.config), "training": training}
     config_path = path.with_suffix(".json")
-    config_path.with_suffix(".json.tmp").write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(config_path.with_suffix(".json.tmp"), config_path)
+    atomic_write_text(config_path, json.dumps(record, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,28 @@
+"""The implicit field's density activations and its save/load round trip."""
+
+import dataclasses
+
+import torch
+
+from csd.fields import FieldConfig, ImplicitVolume, load_field, save_field
+
+TINY = FieldConfig(n_levels=2, log2_hashmap_size=8, base_resolution=4, max_resolution=16, hidden_dim=8)
+
+
+def test_exp_activation_is_the_exponential_softplus_takes_the_log1p_of(tmp_path):
+    torch.manual_seed(0)
+    exp = ImplicitVolume(dataclasses.replace(TINY, density_activation="exp"))
+    softplus = ImplicitVolume(TINY)
+    softplus.load_state_dict(exp.state_dict())
+    points = torch.rand(256, 3) * 1.4 - 0.7
+    with torch.no_grad():
+        e, s = exp.density(points), softplus.density(points)
+        # softplus(x) = log(1 + eˣ): the same raw output through both activations
+        torch.testing.assert_close(s, torch.log1p(e), atol=1e-5, rtol=1e-5)
+        assert (e > 0).all() and e.max() > 1.0, "the blob bias makes the centre dense"
+        exp.mlp[-1].bias[0] = 100.0
+        assert torch.allclose(exp.density(points), torch.tensor(15.0).exp()), "raw values clamp at 15 before exp"
+    save_field(exp, tmp_path)
+    loaded = load_field(tmp_path)
+    assert loaded.config.density_activation == "exp"
+    torch.testing.assert_close(loaded.density(points), exp.density(points).detach())
