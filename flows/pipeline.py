@@ -387,8 +387,8 @@ def execute_stage(stage: PlannedStage, force: bool = False, callback: StepCallba
             for upstream in stage.inputs.values():
                 store.pull_upstream(upstream)
             store.pull_partial(stage.directory, stage.identity)
-            with store.publishing_checkpoints():
-                result = stage.spec.load().run(stage.config, stage.directory, inputs=stage.inputs, identity=stage.identity, callback=callback)
+            result = stage.spec.load().run(stage.config, stage.directory, inputs=stage.inputs, identity=stage.identity,
+                                           callback=store.checkpoints(stage.directory, callback))
             store.push_stage(stage.directory)
         except Exception as error:
             raise StageFailed(describe_failure(stage, error)) from error
