@@ -134,7 +134,7 @@ def asset(
         return stage_task(stage, force)
 
     rel = f"{plan.row.asset_id}/{ASSET_RECORD}"
-    record = run_asset(plan, rerun_stage=rerun_stage, execute=execute, tracking=link, saved=lambda r: tracker.sync(plan.store, rel))
+    record = run_asset(plan, rerun_stage=rerun_stage, execute=execute, tracking=link, saved=lambda r: tracker.sync(plan.store, rel, dataclasses.asdict(r)))
     record.tracking.update(asset_run_id=tracker.run_ids.get(link["key"]), failures=tracker.failures)
     record.save(plan.store)
     if (tracking or {}).get("batch_id"):

@@ -1,14 +1,10 @@
 """The output root (stage store): one small interface, `Store`, and its two implementations.
 
-`open_store("out")` or `open_store("file:///mnt/shared/csd")` is a `FolderStore`: the folder is used
-in place (stages commit by atomic rename and lock with `flock`, which NFS supports).
-
-`open_store("s3://bucket/csd")` (or `gs://`, `az://`, … through fsspec) is an `ObjectStore`: the same
-layout in the bucket, and a working copy per machine (`CSD_ASSET_WORK_DIR`, default
-`<cache>/stores/<name>-<hash of the URL>`) because stages read and write ordinary files. Objects
-have no rename and no lock, so a stage is committed by uploading its files and then its
-`result.json` with a sha256 manifest of them, and locked by a lease made with conditional writes
-(`_Lease`). Credentials and endpoints come from fsspec's usual sources (`AWS_ENDPOINT_URL_S3`, …).
+`open_store("out")` or `open_store("file:///mnt/shared/csd")` is a `FolderStore`, used in place.
+`open_store("s3://bucket/csd")` (or `gs://`, `az://`, any fsspec URL) is an `ObjectStore`: the same
+layout in the bucket, plus a working copy per machine (`CSD_ASSET_WORK_DIR`, default
+`<cache>/stores/<name>-<hash of the URL>`), because stages read and write ordinary files.
+Credentials and endpoints come from fsspec's usual sources (`AWS_ENDPOINT_URL_S3`, …).
 """
 
 from __future__ import annotations
@@ -43,13 +39,13 @@ class StoreError(RuntimeError):
 
 
 class Store(Protocol):
-    """What the pipeline, the tracking sync and the CLI need of an output root. `local` is where
-    stages read and write; `rel` paths are relative to the root, with `/`."""
+    """What the pipeline, the tracking sync and the CLI need of an output root. Stages read and write
+    under `local`; `rel` paths are relative to the root, with `/`; `remote` is the URL `local`
+    mirrors, or None (for messages only: callers never branch on it)."""
 
     url: str
     local: Path
     remote: str | None
-    """The URL that `local` mirrors, or None when `local` is the root itself (for messages only)."""
 
     def path(self, rel: str) -> str: ...  # where `rel` lives for a user: a local path or a URL
     def read_bytes(self, rel: str) -> bytes | None: ...
@@ -62,18 +58,14 @@ class Store(Protocol):
     def reusable(self, directory: Path, identity: str) -> StageResult | None: ...
     def pull_upstream(self, directory: Path) -> None: ...  # an input stage into `local`
     def pull_partial(self, directory: Path, identity: str) -> None: ...  # an unfinished run's checkpoint
-    def checkpoints(self, directory: Path, callback: StepCallback) -> StepCallback: ...  # step callback that shares them
+    def checkpoints(self, directory: Path, callback: StepCallback) -> StepCallback: ...  # step callback sharing them
     def push_stage(self, directory: Path) -> None: ...  # commit a finished stage to the root
-
-
-def _rel(store: Store, path: Path) -> str:
-    return Path(path).relative_to(store.local).as_posix()
 
 
 @dataclass(frozen=True)
 class FolderStore:
-    """A local or shared-file-system root, used in place: the stage code's own rename commits and
-    `flock` (stages.common) are all it needs, so the stage hooks do nothing."""
+    """A local or shared-file-system root, used in place: the stages' own rename commits and `flock`
+    (`stages.common`) are all it needs, so its stage hooks do nothing."""
 
     url: str
     local: Path
@@ -82,16 +74,16 @@ class FolderStore:
     def __str__(self) -> str:
         return self.url
 
-    rel = _rel
+    def rel(self, path: Path) -> str:
+        return Path(path).relative_to(self.local).as_posix()
 
     def path(self, rel: str) -> str:
         return str(self.local / rel)
 
     def read_bytes(self, rel: str) -> bytes | None:
-        try:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             return (self.local / rel).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        return None
 
     def read_text(self, rel: str) -> str | None:
         data = self.read_bytes(rel)
@@ -138,26 +130,19 @@ def _sha256(path: Path) -> str:
 
 
 @dataclass(frozen=True)
-class ObjectStore:
-    """A bucket (any fsspec URL) that is the truth, and this machine's working copy `local`.
+class ObjectStore(FolderStore):
+    """A bucket that is the truth, and this machine's working copy `local` (a cache).
 
+    Objects have no rename, so a stage is committed by uploading its files, then its `result.json`
+    with a sha256 manifest of them: a crash mid-upload leaves no `result.json`, nothing looks done.
     A stage whose committed identity matches is reused without downloading it; a stage that runs
-    first downloads its upstream stages and checks them against their manifests (a mismatch means
-    two writers interleaved or an upload was cut: the commit is removed, so the next run computes
-    that stage again); its checkpoints are uploaded to `<stage>.partial/` as it runs, so a run
-    retried on another machine resumes from them."""
-
-    url: str
-    local: Path
+    first downloads its upstream stages, checked against their manifests (a mismatch, from an upload
+    cut short or a lease lost, removes the commit, so the next run computes that stage again); its
+    checkpoints go to `<stage>.partial/` as it runs, so a retry on another machine resumes there."""
 
     @property
     def remote(self) -> str:
         return self.url
-
-    def __str__(self) -> str:
-        return self.url
-
-    rel = _rel
 
     @property
     def fs(self):
@@ -168,53 +153,41 @@ class ObjectStore:
         except (ImportError, ValueError) as error:
             raise StoreError(f"output root {self.url}: {error}") from error
 
-    def _key(self, rel: str) -> str:
+    def path(self, rel: str) -> str:
         return f"{self.url.rstrip('/')}/{rel}"
 
-    def path(self, rel: str) -> str:
-        return self._key(rel)
-
     def read_bytes(self, rel: str) -> bytes | None:
-        try:
-            return self.fs.cat_file(self._key(rel))
-        except FileNotFoundError:
-            return None
-
-    def read_text(self, rel: str) -> str | None:
-        data = self.read_bytes(rel)
-        return None if data is None else data.decode()
+        with contextlib.suppress(FileNotFoundError):
+            return self.fs.cat_file(self.path(rel))
+        return None
 
     def write_text(self, rel: str, text: str) -> None:
         """One PUT (an object is replaced whole); the working copy keeps a copy."""
-        (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.local / rel, text)
-        self.fs.pipe_file(self._key(rel), text.encode())
+        super().write_text(rel, text)
+        self.fs.pipe_file(self.path(rel), text.encode())
 
     def remove(self, rel: str) -> None:
-        (self.local / rel).unlink(missing_ok=True)
+        super().remove(rel)
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self._key(rel))
+            self.fs.rm_file(self.path(rel))
 
     def glob(self, pattern: str) -> list[str]:
         root = self.fs._strip_protocol(self.url).rstrip("/")
         self.fs.invalidate_cache()  # listings cached by this process miss what other machines wrote since
         return sorted(p[len(root) + 1 :] for p in self.fs.glob(f"{root}/{pattern}"))
 
-    def _result(self, rel: str) -> tuple[str | None, dict]:
-        text = self.read_text(f"{rel}/{RESULT_FILE}")
-        try:
-            result = json.loads(text) if text else {}
-        except json.JSONDecodeError:
-            result = {}
-        return text, result if MANIFEST_KEY in result else {}
+    def _result(self, rel: str) -> tuple[str, dict]:
+        """The committed `result.json` at `rel` (text and data), or `("", {})`."""
+        text = self.read_text(f"{rel}/{RESULT_FILE}") or ""
+        with contextlib.suppress(json.JSONDecodeError):
+            if MANIFEST_KEY in (result := json.loads(text or "{}")):
+                return text, result
+        return "", {}
 
     def committed(self, directory: Path, identity: str | None = None) -> StageResult | None:
-        """Whether or not the files are in this working copy yet; None for a path that is not a stage
-        directory of this root (a user's mesh file)."""
-        if not Path(directory).is_relative_to(self.local):
-            return None
-        text, result = self._result(self.rel(directory))
-        stage = StageResult.from_json(text, directory) if result else None
+        """Whether or not its files are in this working copy; None for a path outside the root (a user's mesh)."""
+        text = self._result(self.rel(directory))[0] if Path(directory).is_relative_to(self.local) else ""
+        stage = StageResult.from_json(text, directory) if text else None
         return stage if stage is not None and identity in (None, stage.identity) else None
 
     def lock(self, directory: Path) -> ContextManager[None]:
@@ -227,77 +200,60 @@ class ObjectStore:
         return self.committed(directory, identity)
 
     def pull_upstream(self, directory: Path) -> None:
-        """Raises StoreError when the root has no committed stage at `directory`, or a file does not
-        match the manifest (then the commit is removed, so that the next run computes it again)."""
+        """Raises StoreError when the root has no committed stage there, or a file does not match."""
         if not Path(directory).is_relative_to(self.local):
             return
-        rel = self.rel(directory)
+        rel, local = self.rel(directory), Path(directory)
         text, result = self._result(rel)
-        if not result:
+        if not text:
             raise StoreError(f"upstream stage {rel} is not committed in {self.url} (removed as broken, or deleted); "
                              "the next run of the asset computes it again")
-        if (completed(directory) is not None
-                and json.loads((Path(directory) / RESULT_FILE).read_text()).get(MANIFEST_KEY) == result[MANIFEST_KEY]):
+        if (local / RESULT_FILE).is_file() and (local / RESULT_FILE).read_text() == text:
             return
-        incoming = Path(directory).with_name(f".{Path(directory).name}.pull-{uuid.uuid4().hex[:8]}")
+        incoming, old = (local.with_name(f".{local.name}.{what}-{uuid.uuid4().hex[:8]}") for what in ("pull", "old"))
         try:
             for name, digest in result[MANIFEST_KEY].items():
                 (incoming / name).parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    self.fs.get_file(self._key(f"{rel}/{name}"), str(incoming / name))
-                except FileNotFoundError:
-                    self._broken(rel, text, f"{name} is missing")
-                if _sha256(incoming / name) != digest:
-                    self._broken(rel, text, f"{name} does not match its manifest")
-            incoming.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.get_file(self.path(f"{rel}/{name}"), str(incoming / name))
+                if not (incoming / name).is_file() or _sha256(incoming / name) != digest:
+                    if self.read_text(f"{rel}/{RESULT_FILE}") == text:  # not recommitted meanwhile
+                        self.fs.rm_file(self.path(f"{rel}/{RESULT_FILE}"))
+                    raise StoreError(f"stage {rel} in {self.url}: {name} does not match its manifest (missing or changed: an "
+                                     "upload cut short, or a lost lease); its commit is removed, so the next run computes it again")
             (incoming / RESULT_FILE).write_text(text)
-            old = Path(directory).with_name(f".{Path(directory).name}.old-{os.getpid()}")
-            if Path(directory).exists():
-                os.replace(directory, old)
-            os.replace(incoming, directory)
-            shutil.rmtree(old, ignore_errors=True)
+            if local.exists():
+                os.replace(local, old)
+            os.replace(incoming, local)
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
         log.info("stage %s: pulled from %s", rel, self.url)
 
-    def _broken(self, rel: str, text: str, why: str) -> None:
-        if self.read_text(f"{rel}/{RESULT_FILE}") == text:  # not recommitted meanwhile
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self._key(f"{rel}/{RESULT_FILE}"))
-        raise StoreError(f"stage {rel} in {self.url}: {why} (two writers interleaved, or an upload was cut short); "
-                         "its commit is removed, so the next run computes it again")
-
     def pull_partial(self, directory: Path, identity: str) -> None:
-        """The root's checkpoint of an unfinished run of this stage with this identity, so it resumes
-        where any machine left it."""
-        rel = self.rel(directory) + PARTIAL
-        if self.read_text(f"{rel}/identity.txt") != identity:
-            return
-        partial = Path(str(directory) + PARTIAL)
-        partial.mkdir(parents=True, exist_ok=True)
-        for key in self.glob(f"{rel}/*"):
-            name = key.rsplit("/", 1)[-1]
-            self.fs.get_file(self._key(key), str(partial / f".{name}.pull"))
-            os.replace(partial / f".{name}.pull", partial / name)
-        log.info("stage %s: pulled the checkpoint of an unfinished run from %s", rel, self.url)
+        """The root's checkpoint of an unfinished run with this identity, so it resumes where any machine left it."""
+        rel, partial = self.rel(directory) + PARTIAL, Path(str(directory) + PARTIAL)
+        if self.read_text(f"{rel}/identity.txt") == identity:
+            partial.mkdir(parents=True, exist_ok=True)
+            for key in self.glob(f"{rel}/*"):
+                self.fs.get_file(self.path(key), str(partial / ".pull"))
+                os.replace(partial / ".pull", partial / key.rsplit("/", 1)[-1])
 
     def checkpoints(self, directory: Path, callback: StepCallback) -> StepCallback:
         """`callback`, uploading `<stage>.partial/checkpoint.pt` whenever it changed. The step callback
-        is the one hook every stage takes: a checkpoint saved after step n's callback goes up at step
-        n + 1's (a failed upload only warns: a resume elsewhere would start further back)."""
-        partial, seen = Path(str(directory) + PARTIAL), [None]
+        is the one explicit hook every stage takes; a checkpoint saved after step n's callback goes up
+        at step n + 1's (a failed upload only warns: a resume elsewhere would start further back)."""
+        partial, seen = Path(str(directory) + PARTIAL), {}
 
         def step(number: int, metrics: dict[str, float]) -> None:
-            checkpoint = partial / "checkpoint.pt"
-            stamp = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
-            if stamp not in (None, seen[0]):
-                seen[0] = stamp
-                rel = self.rel(partial)
-                try:
-                    self.fs.put_file(str(partial / "identity.txt"), self._key(f"{rel}/identity.txt"))
-                    self.fs.put_file(str(checkpoint), self._key(f"{rel}/checkpoint.pt"))
-                except Exception as error:
-                    log.warning("could not upload checkpoint %s to %s: %s: %s", rel, self.url, type(error).__name__, error)
+            with contextlib.suppress(FileNotFoundError):
+                if seen.setdefault("stamp", None) != (stamp := (partial / "checkpoint.pt").stat().st_mtime_ns):
+                    seen["stamp"] = stamp
+                    try:
+                        for name in ("identity.txt", "checkpoint.pt"):
+                            self.fs.put_file(str(partial / name), self.path(f"{self.rel(partial)}/{name}"))
+                    except Exception as error:  # noqa: BLE001 — any storage error; the stage goes on
+                        log.warning("could not upload checkpoint %s to %s: %s", partial, self.url, error)
             if callback is not None:
                 callback(number, metrics)
 
@@ -313,73 +269,67 @@ class ObjectStore:
         if self._result(rel)[1].get(MANIFEST_KEY) == manifest:
             return
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self._key(f"{rel}/{RESULT_FILE}"))  # uncommit the older stage first
+            self.fs.rm_file(self.path(f"{rel}/{RESULT_FILE}"))  # uncommit the older stage first
         for name in manifest:
-            self.fs.put_file(str(directory / name), self._key(f"{rel}/{name}"))
+            self.fs.put_file(str(directory / name), self.path(f"{rel}/{name}"))
         committed = json.dumps({**result, MANIFEST_KEY: manifest}, indent=2)
-        self.fs.pipe_file(self._key(f"{rel}/{RESULT_FILE}"), committed.encode())
+        self.fs.pipe_file(self.path(f"{rel}/{RESULT_FILE}"), committed.encode())
         atomic_write_text(directory / RESULT_FILE, committed)
         for key in set(self.glob(f"{rel}/**")) - {f"{rel}/{name}" for name in [*manifest, RESULT_FILE]}:
-            if self.fs.isfile(self._key(key)):
-                self.fs.rm_file(self._key(key))
+            if self.fs.isfile(self.path(key)):
+                self.fs.rm_file(self.path(key))
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(self._key(rel + PARTIAL), recursive=True)
+            self.fs.rm(self.path(rel + PARTIAL), recursive=True)
         log.info("stage %s: pushed to %s (%d files)", rel, self.url, len(manifest))
 
 
 class _Lease:
-    """A stage lock in an object store, made of conditional writes (`If-None-Match: *`, fsspec's
-    `pipe_file(mode="create")`): S3 (since 2024), MinIO, GCS and Azure refuse to create an object
-    that exists, atomically, so of two machines creating the same object exactly one succeeds. The
-    moto S3 server the tests use answers 412 to the second (tests/flows/test_store.py measures it
-    and the exclusion). Chosen over Prefect global concurrency limits because it needs no API
-    server, holds for any process on any machine (a CLI run too), and lives next to the stage.
+    """A stage lock in an object store, made of conditional writes: `pipe_file(mode="create")` sends
+    `If-None-Match: *`, which S3 (since 2024), MinIO, GCS and Azure honour atomically, so of two
+    machines creating one object exactly one succeeds. The moto S3 server of the tests answers 412
+    to the second, and eight racing machines never held one lock at once (tests/flows/test_store.py).
+    Chosen over Prefect's global concurrency limits: no API server needed, it holds for any process
+    (a CLI run too), and it lives next to the stage it guards.
 
-    `<stage>.lock/<n>` are generations: the highest one is the lease, holding its owner and expiry,
-    renewed every third of `LEASE_SECONDS`. A free or expired lease is taken by creating generation
-    n + 1, so two takers of a dead holder's lease cannot both win; the top generation is never
-    deleted (released means marked expired), so numbers never go back. Correct as long as clocks
-    agree within the lease time and a holder is not paused longer than it (then it logs an error on
-    its next renewal, and the manifest check still catches files two writers mixed)."""
+    `<stage>.lock/<n>` are generations: the highest is the lease (owner, expiry), renewed every third
+    of `LEASE_SECONDS`; a free or expired lease is taken by creating generation n + 1, so of two takers
+    one wins. The highest is never deleted (a release marks it expired), so numbers never go back.
+    It holds while clocks agree within the lease time and no holder pauses longer than it (that one
+    logs an error at its next renewal; the manifest check catches what two writers mixed)."""
 
     def __init__(self, store: ObjectStore, rel: str, seconds: float = LEASE_SECONDS, poll: float = 1.0):
         self.store, self.rel, self.seconds, self.poll = store, rel, seconds, poll
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.generation = -1
+        self.owner, self.generation = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", -1
         self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
+        self._renewer = threading.Thread(target=self._renew, daemon=True, name=f"lease {rel}")
 
     def _generations(self) -> list[int]:
         return sorted(int(name) for key in self.store.glob(f"{self.rel}/*") if (name := key.rsplit("/", 1)[1]).isdigit())
 
     def _top(self) -> tuple[int, dict]:
         top = (self._generations() or [-1])[-1]
-        text = self.store.read_text(f"{self.rel}/{top}") if top >= 0 else None
-        return top, json.loads(text) if text else {}
+        return top, json.loads(self.store.read_text(f"{self.rel}/{top}") or "{}") if top >= 0 else {}
 
     def _write(self, generation: int, expires: float, mode: str) -> None:
         body = json.dumps({"owner": self.owner, "expires": expires}).encode()
-        self.store.fs.pipe_file(self.store._key(f"{self.rel}/{generation}"), body, mode=mode)
+        self.store.fs.pipe_file(self.store.path(f"{self.rel}/{generation}"), body, mode=mode)
 
     def __enter__(self) -> "_Lease":
         waited = False
-        while True:
+        while self.generation < 0:
             top, holder = self._top()
             if holder.get("expires", 0) < time.time():
-                try:
+                with contextlib.suppress(FileExistsError):  # another machine took it first
                     self._write(top + 1, time.time() + self.seconds, "create")
                     self.generation = top + 1
-                    break
-                except FileExistsError:  # another machine took it first
-                    pass
+                    continue
             elif not waited:
                 log.info("stage %s is being computed by %s; waiting", self.rel, holder.get("owner"))
                 waited = True
             time.sleep(self.poll)
-        for older in [g for g in self._generations() if g < self.generation]:  # irrelevant now: tidy up
+        for older in [g for g in self._generations() if g < self.generation]:
             with contextlib.suppress(FileNotFoundError):
-                self.store.fs.rm_file(self.store._key(f"{self.rel}/{older}"))
-        self._renewer = threading.Thread(target=self._renew, daemon=True, name=f"lease {self.rel}")
+                self.store.fs.rm_file(self.store.path(f"{self.rel}/{older}"))
         self._renewer.start()
         return self
 
@@ -387,33 +337,21 @@ class _Lease:
         while not self._stop.wait(self.seconds / 3):
             try:
                 if self._top()[0] != self.generation:
-                    log.error("lease %s was taken over (this run paused longer than %.0f s?)", self.rel, self.seconds)
-                    return
+                    return log.error("lease %s was taken over (this run paused longer than %.0f s?)", self.rel, self.seconds)
                 self._write(self.generation, time.time() + self.seconds, "overwrite")
-            except Exception as error:  # the stage goes on; the lease may lapse
+            except Exception as error:  # noqa: BLE001 — any storage error; the stage goes on, the lease may lapse
                 log.warning("could not renew lease %s: %s", self.rel, error)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join()
+        self._renewer.join()
         if self._top()[0] == self.generation:
             self._write(self.generation, 0.0, "overwrite")
 
 
-def default_work_dir(url: str) -> Path:
-    """Where this machine keeps its working copy of the object-store root `url`."""
-    if os.environ.get("CSD_ASSET_WORK_DIR"):
-        return Path(os.environ["CSD_ASSET_WORK_DIR"])
-    from csd.prompts import cache_root
-
-    name = url.rstrip("/").rsplit("/", 1)[-1] or "root"
-    return cache_root() / "stores" / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
-
-
 def open_store(out: "Store | str | Path", work_dir: Path | None = None) -> Store:
     """The store for an output root given as a path or URL (a store passes through)."""
-    if isinstance(out, (FolderStore, ObjectStore)):
+    if isinstance(out, FolderStore):
         return out
     url = str(out)
     protocol, _, rest = url.partition("://") if "://" in url else ("file", "", url)
@@ -425,4 +363,10 @@ def open_store(out: "Store | str | Path", work_dir: Path | None = None) -> Store
         fsspec.get_filesystem_class(protocol)
     except (ImportError, ValueError) as error:
         raise StoreError(f"output root {url}: no fsspec file system for {protocol!r} ({error}); e.g. pip install s3fs") from error
-    return ObjectStore(url, Path(work_dir or default_work_dir(url)).absolute())
+    if work_dir is None and os.environ.get("CSD_ASSET_WORK_DIR"):
+        work_dir = Path(os.environ["CSD_ASSET_WORK_DIR"])
+    elif work_dir is None:
+        from csd.prompts import cache_root
+
+        work_dir = cache_root() / "stores" / f"{url.rstrip('/').rsplit('/', 1)[-1]}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    return ObjectStore(url, Path(work_dir).absolute())

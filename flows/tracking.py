@@ -1,23 +1,17 @@
 """MLflow runs as a projection of the output root: batch → asset → stage runs, rebuilt from files.
 
-Every run the MLflow UI shows is made from records that exist anyway: a stage run from its stage
-folder (`result.json`, `config.yaml`, `history.json`, previews, files) and its entry in the asset
-record; an asset run from `<asset>/asset.json`; a batch run from `batches/<batch_id>/batch.json`
-(which keeps the asset records the batch collected). `Tracker.sync(store, rel)` makes MLflow match
-one such record: it finds each run by the tag `csd_key` (batch id / asset id / stage, see
-`flows.flow`), creates a missing one under its parent, sends only what the run lacks (params, the
-metric history via `log_batch`, artifacts, tags, status) and last sets `csd_synced` to a digest of
-what it projected, so that syncing an unchanged record again costs one search and sends nothing.
+Every run is made from records that exist anyway: a stage run from its folder (`result.json`,
+`config.yaml`, `history.json`, previews, files) and its entry in `<asset>/asset.json`; an asset run
+from that record; a batch run from `batches/<batch_id>/batch.json` (with the asset records it
+collected). `Tracker.sync` finds each run by its tag `csd_key`, creates a missing one under its
+parent, sends only what it lacks (params, metric history via `log_batch`, artifacts, tags, status),
+then tags it with a digest of what it projected: syncing again costs one search and sends nothing.
 
-Why no spool: MLflow calls never hold the only copy of anything, so a failed sync loses nothing.
-When the server cannot be reached (or refuses) the run goes on with a warning, the tracker stops
-calling it for the rest of the process (each call would wait out the HTTP retries while the GPU
-idles; bound it with `MLFLOW_HTTP_REQUEST_MAX_RETRIES` / `_TIMEOUT`, set in prefect.yaml), and the
-record's path goes to `<out>/.tracking-pending/`. `csd-asset sync-tracking --out OUT`, and the next
-batch over the root, sync every record listed there (batches first, so parents exist).
-
-The tracking URI is `MLFLOW_TRACKING_URI` when set (an `mlflow server`), else an SQLite file
-`<out>/mlflow.db` with artifacts under `<out>/mlartifacts`.
+No spool: a failed sync loses nothing, the files stay. With the server down the work goes on (a
+warning; later syncs in that process give up at once instead of waiting out HTTP retries, bounded
+by `MLFLOW_HTTP_REQUEST_*` in prefect.yaml) and the record's path goes to `<out>/.tracking-pending/`,
+which `csd-asset sync-tracking --out OUT` and the next batch over the root sync.
+The tracking URI is `MLFLOW_TRACKING_URI`, else `<out>/mlflow.db` with artifacts in `<out>/mlartifacts`.
 """
 
 from __future__ import annotations
@@ -211,11 +205,11 @@ class Tracker:
         """What a record needs to be synced later, by any process: the store and the experiment."""
         return {"uri": self.uri, "experiment": self.experiment, "artifact_location": self.artifact_location}
 
-    def sync(self, store, rel: str) -> bool:
-        """Make MLflow match the batch or asset record at `rel`; False (and `rel` listed in
-        `<out>/.tracking-pending/`) when that is not done yet."""
+    def sync(self, store, rel: str, record: dict[str, Any] | None = None) -> bool:
+        """Make MLflow match the batch or asset record at `rel` (or `record`, what is being written
+        there); False (and `rel` listed in `<out>/.tracking-pending/`) when that is not done yet."""
         marker = f"{PENDING}/{hashlib.sha256(rel.encode()).hexdigest()[:16]}.txt"
-        record = _json(store, rel)
+        record = record or _json(store, rel)
         try:
             if record is None:  # removed since it was listed
                 store.remove(marker)
@@ -306,29 +300,18 @@ class Tracker:
             client.log_batch(run_id, metrics=metrics[i : i + 100], params=params[i : i + 100], tags=tags[i : i + 100])
         folders = {folder for _, folder in view.files} | {None}
         listed = {a.path for folder in folders for a in client.list_artifacts(run_id, folder)}
-        with tempfile.TemporaryDirectory() as scratch:
+        with tempfile.TemporaryDirectory() as scratch:  # files come through the store: any machine can sync
             for rel, folder in view.files:
-                name = f"{folder}/{Path(rel).name}" if folder else Path(rel).name
-                if name not in listed and (path := _local(store, rel, Path(scratch))) is not None:
-                    client.log_artifact(run_id, str(path), folder)
+                name = Path(rel).name
+                if (f"{folder}/{name}" if folder else name) not in listed and (data := store.read_bytes(rel)) is not None:
+                    (Path(scratch) / name).write_bytes(data)
+                    client.log_artifact(run_id, str(Path(scratch) / name), folder)
         for name, text in view.texts.items():
             if name not in listed:
                 client.log_text(run_id, text, name)
         if view.status != "RUNNING" and (run.info.status != view.status or view.end_ms not in (None, run.info.end_time)):
             client.set_terminated(run_id, view.status, end_time=view.end_ms)
         client.set_tag(run_id, DIGEST_TAG, view.digest())
-
-
-def _local(store, rel: str, scratch: Path) -> Path | None:
-    """A local copy of the root's file `rel` (the file itself in a folder root), None when gone."""
-    if (store.local / rel).is_file():
-        return store.local / rel
-    data = store.read_bytes(rel)
-    if data is None:
-        return None
-    (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
-    (scratch / rel).write_bytes(data)
-    return scratch / rel
 
 
 def sync_pending(store) -> list[str]:
