@@ -210,6 +210,7 @@ class ObjectStore(FolderStore):
                              "the next run of the asset computes it again")
         if (local / RESULT_FILE).is_file() and (local / RESULT_FILE).read_text() == text:
             return
+        # downloaded beside it, then renamed into place: two workers sharing this working copy may pull at once
         incoming, old = (local.with_name(f".{local.name}.{what}-{uuid.uuid4().hex[:8]}") for what in ("pull", "old"))
         try:
             for name, digest in result[MANIFEST_KEY].items():
@@ -261,7 +262,8 @@ class ObjectStore(FolderStore):
 
     def push_stage(self, directory: Path) -> None:
         """Upload the working copy's committed stage: files, then `result.json` with the manifest (the
-        commit), then drop stale files and the root's checkpoint; nothing when the root holds it already."""
+        commit), then drop the root's checkpoint; nothing when the root holds it already. (Objects under the
+        stage that the manifest does not name, from an older commit, are ignored by every reader.)"""
         directory, rel = Path(directory), self.rel(directory)
         result = json.loads((directory / RESULT_FILE).read_text())
         manifest = result.get(MANIFEST_KEY) or {p.relative_to(directory).as_posix(): _sha256(p)
@@ -275,9 +277,6 @@ class ObjectStore(FolderStore):
         committed = json.dumps({**result, MANIFEST_KEY: manifest}, indent=2)
         self.fs.pipe_file(self.path(f"{rel}/{RESULT_FILE}"), committed.encode())
         atomic_write_text(directory / RESULT_FILE, committed)
-        for key in set(self.glob(f"{rel}/**")) - {f"{rel}/{name}" for name in [*manifest, RESULT_FILE]}:
-            if self.fs.isfile(self.path(key)):
-                self.fs.rm_file(self.path(key))
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.path(rel + PARTIAL), recursive=True)
         log.info("stage %s: pushed to %s (%d files)", rel, self.url, len(manifest))

@@ -169,19 +169,10 @@ def batch_views(store, batch: dict[str, Any]) -> list[RunView]:
     return views + [v for asset in batch.get("assets", {}).values() if asset for v in asset_views(store, asset)]
 
 
-def _is_connection_error(error: BaseException | None) -> bool:
-    """Whether the server could not be reached (as opposed to refusing one request)."""
-    import requests
-
-    while error is not None:
-        if isinstance(error, (requests.ConnectionError, requests.Timeout)):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
 class Tracker:
-    """Syncs records of an output root to the MLflow experiment `experiment` at `uri`; never raises."""
+    """Syncs records of an output root to the MLflow experiment `experiment` at `uri`; never raises.
+    After one failed sync it tries no more (whatever failed, the server down or a parent run missing,
+    is left to `sync_pending`), so a dead server costs a process one timeout, not one per stage."""
 
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
@@ -190,7 +181,7 @@ class Tracker:
         self.run_ids: dict[str, str] = {}
         """`csd_key` → run id of the runs this tracker synced."""
         self._client = None
-        self._unreachable = False
+        self._gave_up = False
 
     @classmethod
     def for_output(cls, out: Path, experiment: str) -> "Tracker":
@@ -214,13 +205,13 @@ class Tracker:
             if record is None:  # removed since it was listed
                 store.remove(marker)
                 return True
-            if self._unreachable:
-                raise ConnectionError(f"{self.uri} unreachable")
+            if self._gave_up:
+                raise ConnectionError(f"not tried again after: {self.failures[0]}")
             views = batch_views(store, record) if "assets" in record else asset_views(store, record)
             with _LOCK:
                 self._sync(store, views)
         except Exception as error:
-            self._unreachable = self._unreachable or _is_connection_error(error) or isinstance(error, ConnectionError)
+            self._gave_up = True
             log.warning("MLflow: %s not synced (%s: %s); the pipeline goes on, `csd-asset sync-tracking` syncs it later",
                         rel, type(error).__name__, error)
             self.failures.append(f"{rel}: {type(error).__name__}: {error}"[:500])
