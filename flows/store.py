@@ -47,6 +47,7 @@ class Store(Protocol):
     local: Path
     remote: str | None
 
+    def rel(self, path: Path) -> str: ...  # a path under `local`, relative to the root
     def path(self, rel: str) -> str: ...  # where `rel` lives for a user: a local path or a URL
     def read_bytes(self, rel: str) -> bytes | None: ...
     def read_text(self, rel: str) -> str | None: ...

@@ -287,8 +287,8 @@ class Tracker:
                 for m in client.get_metric_history(run_id, key)}
         stamp = view.end_ms or view.start_ms or 0
         metrics = [Metric(k, v, stamp, step) for k, v, step in view.metrics if (k, step) not in sent]
-        for i in range(0, max(len(tags), len(params), len(metrics)), 100):
-            client.log_batch(run_id, metrics=metrics[i : i + 100], params=params[i : i + 100], tags=tags[i : i + 100])
+        for i in range(0, max(len(tags), len(params), -(-len(metrics) // 8)), 100):  # MLflow: 1000 items in all, 100 params, 100 tags
+            client.log_batch(run_id, metrics=metrics[8 * i : 8 * (i + 100)], params=params[i : i + 100], tags=tags[i : i + 100])
         folders = {folder for _, folder in view.files} | {None}
         listed = {a.path for folder in folders for a in client.list_artifacts(run_id, folder)}
         with tempfile.TemporaryDirectory() as scratch:  # files come through the store: any machine can sync
