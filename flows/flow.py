@@ -266,8 +266,10 @@ def batch(
     sync_pending(store)  # what earlier runs could not sync
     started = datetime.now(timezone.utc)
     batch_id = flow_run.id or uuid.uuid4().hex
+    batch_try = flow_run.run_count or 1
+    run_key = batch_id if batch_try == 1 else f"{batch_id}-try-{batch_try}"  # one MLflow batch run per run of the flow
     batch_record = BatchRecord(
-        batch_id, f"{Path(catalog).stem} {started:%Y-%m-%d %H:%M}", {**tracker.link(), "key": f"batch/{batch_id}"},
+        run_key, f"{Path(catalog).stem} {started:%Y-%m-%d %H:%M}", {**tracker.link(), "key": f"batch/{run_key}"},
         tags={"catalog": catalog, "catalog_sha256": parsed.fingerprint, "preset": preset, "rerun_stage": rerun_stage,
               "prefect_flow_run_id": flow_run.id, "prefect_flow_run_url": flow_run.ui_url, "git_commit": code_version()},
         params={"catalog": catalog, "preset": preset, "out": out, "assets": len(rows), "only": ",".join(only or []),
@@ -275,8 +277,6 @@ def batch(
     )
     batch_record.save(store)
     tracker.sync(store, batch_record.rel)
-
-    batch_try = flow_run.run_count or 1
 
     def make(row: CatalogRow) -> AssetRecord | None:
         if batch_try > 1:
