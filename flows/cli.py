@@ -232,22 +232,16 @@ def rerun(args: argparse.Namespace) -> int:
 
 
 def sync_tracking(args: argparse.Namespace) -> int:
-    """Upload the MLflow logs spooled while the tracking server was unreachable. Exits 1 while some stay
-    pending (server still down, a batch still running), so that a cron job or CI step notices."""
+    """Make MLflow match the batch and asset records that could not be synced when they were written
+    (server down). Exits 1 while some stay pending, so that a cron job or CI step notices."""
     from flows.store import open_store
-    from flows.tracking import RUN_IDS, default_spool, replay_spool
+    from flows.tracking import sync_pending
 
-    spool = default_spool(open_store(args.out).local)
-    report = replay_spool(spool)
-    print(f"{spool}: {len(report.runs)} run(s) created, {report.sent} entr(ies) sent, "
-          f"{len(report.done)} spool file(s) uploaded, {len(report.pending)} pending")
-    if report.runs:
-        print(f"  placeholder run ids (pending-…) in asset.json map to the created runs in {spool / RUN_IDS}")
-    for name, why in report.pending.items():
-        print(f"  pending {name}: {why}")
-    for problem in report.rejected:
-        print(f"  refused by the server, dropped: {problem}")
-    return 1 if report.pending else 0
+    left = sync_pending(open_store(args.out))
+    print(f"{args.out}: {len(left)} record(s) still not synced to MLflow" if left else f"{args.out}: MLflow is in sync")
+    for problem in left:
+        print(f"  {problem}")
+    return 1 if left else 0
 
 
 def score(args: argparse.Namespace) -> int:
@@ -351,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--stage", choices=STAGE_NAMES, help="only this stage")
     command.set_defaults(func=config)
 
-    command = sub.add_parser("sync-tracking", help="upload the MLflow logs spooled while the tracking server was down")
+    command = sub.add_parser("sync-tracking", help="sync MLflow with the records written while the tracking server was down")
     command.add_argument("--out", default="out", help=OUT_HELP)
     command.set_defaults(func=sync_tracking)
     return parser

@@ -40,16 +40,16 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
-from prefect.runtime import flow_run, task_run
+from prefect.runtime import flow_run
 
 from csd.models import ModelNotFoundError
 from flows.catalog import CatalogRow
 from flows.pipeline import (
-    DEFAULT_PRESET, STAGE_NAMES, AssetPlan, AssetRecord, PlannedStage, StageOutcome, execute_stage, load_catalog, plan_asset,
-    run_asset,
+    ASSET_RECORD, DEFAULT_PRESET, STAGE_NAMES, AssetPlan, AssetRecord, BatchRecord, PlannedStage, StageOutcome, execute_stage,
+    load_catalog, plan_asset, run_asset,
 )
 from flows.store import open_store
-from flows.tracking import Tracker, code_version, default_spool, run_link
+from flows.tracking import Tracker, code_version, run_link, sync_pending
 
 log = logging.getLogger(__name__)
 SHEET_NAME = "contact_sheet.png"
@@ -75,14 +75,9 @@ def _worth_retrying(task, task_run, state) -> bool:
 
 
 @task(name="stage", task_run_name="{stage.asset_id}/{stage.spec.name}", cache_policy=NO_CACHE)
-def run_stage(stage: PlannedStage, force: bool, tracker: Tracker, asset_run_id: str | None, rerun: bool) -> StageOutcome:
-    """Run or reuse one stage, logged as a nested MLflow run under the asset's run."""
-    tags = {"rerun": str(rerun).lower(), "forced": str(force).lower(), "attempt": task_run.run_count, "prefect_task_run_id": task_run.id}
-    # a rerun adds runs for the stages it recomputes; the asset's run already has the others
-    with tracker.stage_run(asset_run_id, stage, tags, log_reused=not rerun) as run:
-        outcome = execute_stage(stage, force, callback=run.log_step)
-        run.finish(outcome)
-    return outcome
+def run_stage(stage: PlannedStage, force: bool) -> StageOutcome:
+    """Run or reuse one stage (its MLflow run is synced from the folder and the asset record)."""
+    return execute_stage(stage, force)
 
 
 def _asset_tags(plan: AssetPlan, catalog: str | None) -> dict[str, Any]:
@@ -94,22 +89,21 @@ def _asset_tags(plan: AssetPlan, catalog: str | None) -> dict[str, Any]:
     }
 
 
-def _open_asset_run(plan: AssetPlan, tracking: dict[str, Any] | None, rerun: bool) -> tuple[Tracker, str | None]:
-    """A stage rerun logs under the asset's previous MLflow run; otherwise a new asset run starts
-    (under the batch run when `tracking` names one)."""
+def _asset_link(plan: AssetPlan, tracking: dict[str, Any] | None, rerun: bool) -> tuple[Tracker, dict[str, Any]]:
+    """The tracker and the record's `tracking`: a stage rerun logs under the asset's previous MLflow
+    run (key `…/<asset_id>`, stage runs `…/rerun-<flow run>/<stage>`); otherwise a new asset run,
+    under the batch's run when `tracking` (from the batch) names it."""
     previous = AssetRecord.load(plan.store, plan.row.asset_id)
     earlier = previous.tracking if previous else {}
-    spool = default_spool(plan.store.local)
-    if rerun and earlier.get("asset_run_id"):
-        return Tracker(earlier["uri"], experiment_id=earlier["experiment_id"], spool_dir=spool), earlier["asset_run_id"]
-    if tracking:
-        tracker = Tracker(tracking["uri"], experiment_id=tracking["experiment_id"], spool_dir=spool)
-    else:
-        tracker = Tracker.for_output(plan.store.local, DEFAULT_EXPERIMENT)
+    if rerun and earlier.get("key"):
+        tracker = Tracker(earlier["uri"], earlier["experiment"], earlier.get("artifact_location"))
+        return tracker, {**earlier, "stage_prefix": f"{earlier['key']}/rerun-{flow_run.id or uuid.uuid4().hex}", "rerun": True}
+    tracker = Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_location")) if tracking else \
+        Tracker.for_output(plan.store.local, DEFAULT_EXPERIMENT)
     tracking = tracking or {}
-    run_id = tracker.start_run(plan.row.asset_id, tracking.get("parent_run_id"), _asset_tags(plan, tracking.get("catalog")))
-    tracker.log_params(run_id, {"preset": plan.preset, "overrides": plan.overrides, "stages": ",".join(s.name for s in plan.stages)})
-    return tracker, run_id
+    key = f"{tracking.get('key') or 'asset/' + (flow_run.id or uuid.uuid4().hex)}/{plan.row.asset_id}"
+    return tracker, {**tracker.link(), "key": key, "stage_prefix": key, "parent_key": tracking.get("key"),
+                     "batch_id": tracking.get("batch_id"), "tags": _asset_tags(plan, tracking.get("catalog"))}
 
 
 @flow(name=ASSET_FLOW, flow_run_name="{row[asset_id]}")
@@ -131,21 +125,17 @@ def asset(
     plan = plan_asset(CatalogRow.from_dict(row), out, preset, overrides)
     if rerun_stage is not None:
         plan.stage(rerun_stage)
-    tracker, asset_run_id = _open_asset_run(plan, tracking, rerun_stage is not None)
+    tracker, link = _asset_link(plan, tracking, rerun_stage is not None)
     stage_task = run_stage.with_options(
         retries=stage_retries, retry_delay_seconds=stage_retry_delay_s, retry_condition_fn=_worth_retrying
     )
 
     def execute(stage: PlannedStage, force: bool) -> StageOutcome:
-        return stage_task(stage, force, tracker, asset_run_id, rerun_stage is not None)
+        return stage_task(stage, force)
 
-    link = {"uri": tracker.uri, "experiment_id": tracker.experiment_id, "asset_run_id": asset_run_id,
-            "batch_id": (tracking or {}).get("batch_id")}
-    record = run_asset(plan, rerun_stage=rerun_stage, execute=execute, tracking=link)
-    tracker.set_tags(asset_run_id, {"status": record.status})
-    tracker.end_run(asset_run_id, record.status != "failed")
-    tracker.close()
-    record.tracking["failures"] = tracker.failures
+    rel = f"{plan.row.asset_id}/{ASSET_RECORD}"
+    record = run_asset(plan, rerun_stage=rerun_stage, execute=execute, tracking=link, saved=lambda r: tracker.sync(plan.store, rel, dataclasses.asdict(r)))
+    record.tracking.update(asset_run_id=tracker.run_ids.get(link["key"]), failures=tracker.failures)
     record.save(plan.store)
     if (tracking or {}).get("batch_id"):
         record.hand_to_batch(plan.store, tracking["batch_id"])
@@ -175,7 +165,8 @@ def _write_contact_sheet(store, asset_ids: list[str], batch_id: str) -> Path | N
 
 
 def summary_markdown(
-    catalog: str, records: dict[str, AssetRecord | None], tracker: Tracker, batch_run_id: str | None, sheet: Path | None = None
+    catalog: str, records: dict[str, AssetRecord | None], tracker: Tracker, batch_run_id: str | None, sheet: Path | None = None,
+    out: str = "out",
 ) -> str:
     """The batch summary: one table row per asset with status, stages, score and MLflow run."""
     lines = [
@@ -201,13 +192,10 @@ def summary_markdown(
     lost = [(asset_id, record) for asset_id, record in records.items() if record and record.tracking.get("failures")]
     if lost or tracker.failures:
         lines += ["", "## MLflow logs not uploaded", "",
-                  "The stage files below are complete; their MLflow logs (params, metrics, artifacts) are queued in the spool "
-                  f"`{tracker.spool_dir}` and will be uploaded by `csd-asset sync-tracking --out {tracker.spool_dir.parent}` "
-                  "(or automatically at the next run that reaches the server).", ""]
+                  "The stage files below are complete; their MLflow runs are made from them by "
+                  f"`csd-asset sync-tracking --out {out}` (or automatically at the next batch over this output root).", ""]
     for asset_id, record in lost:
-        stages = [name for name, entry in record.stages.items() if entry.get("tracking_failures")]
-        where = "stages " + ", ".join(stages) if stages else "the asset run only"
-        lines.append(f"- {asset_id}: {where}; first problem: {record.tracking['failures'][0][:300]}")
+        lines.append(f"- {asset_id}: {len(record.tracking['failures'])} sync(s) failed; first problem: {record.tracking['failures'][0][:300]}")
     if tracker.failures:
         lines.append(f"- batch run: {len(tracker.failures)} call(s); first problem: {tracker.failures[0][:300]}")
     return "\n".join(lines) + "\n"
@@ -275,17 +263,20 @@ def batch(
     rows = parsed.select(only)
     stages_of = {plan.row.asset_id: {s.name for s in plan.stages} for plan in plans}
     tracker = Tracker.for_output(store.local, experiment or f"{DEFAULT_EXPERIMENT}/{Path(catalog).stem}")
+    sync_pending(store)  # what earlier runs could not sync
     started = datetime.now(timezone.utc)
     batch_id = flow_run.id or uuid.uuid4().hex
-    batch_run_id = tracker.start_run(
-        f"{Path(catalog).stem} {started:%Y-%m-%d %H:%M}",
+    batch_try = flow_run.run_count or 1
+    run_key = batch_id if batch_try == 1 else f"{batch_id}-try-{batch_try}"  # one MLflow batch run per run of the flow
+    batch_record = BatchRecord(
+        run_key, f"{Path(catalog).stem} {started:%Y-%m-%d %H:%M}", {**tracker.link(), "key": f"batch/{run_key}"},
         tags={"catalog": catalog, "catalog_sha256": parsed.fingerprint, "preset": preset, "rerun_stage": rerun_stage,
               "prefect_flow_run_id": flow_run.id, "prefect_flow_run_url": flow_run.ui_url, "git_commit": code_version()},
+        params={"catalog": catalog, "preset": preset, "out": out, "assets": len(rows), "only": ",".join(only or []),
+                "overrides": overrides or {}, "rerun_stage": rerun_stage},
     )
-    tracker.log_params(batch_run_id, {"catalog": catalog, "preset": preset, "out": out, "assets": len(rows),
-                                      "only": ",".join(only or []), "overrides": overrides or {}, "rerun_stage": rerun_stage})
-
-    batch_try = flow_run.run_count or 1
+    batch_record.save(store)
+    tracker.sync(store, batch_record.rel)
 
     def make(row: CatalogRow) -> AssetRecord | None:
         if batch_try > 1:
@@ -298,7 +289,7 @@ def batch(
             "row": row.to_dict(), "out": out, "preset": preset, "overrides": overrides,
             "rerun_stage": rerun_stage if rerun_stage in stages_of[row.asset_id] else None,
             "stage_retries": stage_retries, "stage_retry_delay_s": stage_retry_delay_s,
-            "tracking": {**tracker.context(batch_run_id), "catalog": catalog, "batch_id": batch_id},
+            "tracking": {**batch_record.tracking, "catalog": catalog, "batch_id": batch_id},
         }
         if asset_deployment:
             submit_asset(asset_deployment, parameters, asset_key(batch_id, parsed.fingerprint, parameters, batch_try),
@@ -313,14 +304,16 @@ def batch(
         records = {asset_id: future.result() for asset_id, future in futures.items()}
     statuses = {asset_id: record.status if record else "crashed" for asset_id, record in records.items()}
     sheet = _write_contact_sheet(store, list(records), batch_id)
-    markdown = summary_markdown(catalog, records, tracker, batch_run_id, sheet)
-    tracker.log_files(batch_run_id, [sheet] if sheet else [])
-    create_markdown_artifact(markdown, key=SUMMARY_ARTIFACT, description=f"csd-asset batch over {catalog}")
-    tracker.log_text(batch_run_id, markdown, "summary.md")
     failed = sorted(a for a, status in statuses.items() if status in ("failed", "crashed"))
-    tracker.log_metrics(batch_run_id, {"assets_failed": len(failed), "assets_total": len(rows), "wall_seconds": time.perf_counter() - wall})
-    tracker.end_run(batch_run_id, not failed)
-    tracker.close()
+    markdown = summary_markdown(catalog, records, tracker, tracker.run_ids.get(batch_record.tracking["key"]), sheet, out)
+    create_markdown_artifact(markdown, key=SUMMARY_ARTIFACT, description=f"csd-asset batch over {catalog}")
+    batch_record.status, batch_record.summary, batch_record.finished_at = "failed" if failed else "completed", markdown, \
+        datetime.now(timezone.utc).isoformat(timespec="seconds")
+    batch_record.metrics = {"assets_failed": len(failed), "assets_total": len(rows), "wall_seconds": time.perf_counter() - wall}
+    batch_record.files = [store.rel(sheet)] if sheet else []
+    batch_record.assets = {asset_id: dataclasses.asdict(record) if record else None for asset_id, record in records.items()}
+    batch_record.save(store)
+    tracker.sync(store, batch_record.rel)
     if failed:
         # keep the completed assets' records for a retry of this batch run (`prefect flow-run retry`),
         # which reuses those assets and runs the failed and crashed ones again

@@ -1,7 +1,8 @@
 """Stage registry, per-asset plans with stage identities, and running one asset's stages.
 
 No Prefect and no MLflow here: `flows.flow` wraps `execute_stage` in a Prefect task and
-`flows.tracking` logs what it returns, so everything below is testable with plain function calls.
+`flows.tracking` projects the records and stage folders written here into MLflow runs, so
+everything below is testable with plain function calls.
 
 A stage's identity is `hash(asset_id, stage, resolved config, upstream identities or input-file
 digests, the stage's source files, the prior's weights)` (`stages.identity`); its files live in `<out>/<asset_id>/<stage>/`. A completed directory
@@ -346,9 +347,6 @@ class StageOutcome:
     seconds: float = 0.0
     result: StageResult | None = None
     error: str | None = None
-    tracking_run_id: str | None = None
-    tracking_failures: int = 0
-    """MLflow calls for this stage that failed or were not sent (server unreachable)."""
 
 
 def _committed_at(store: Store, directory: Path) -> float:
@@ -389,8 +387,8 @@ def execute_stage(stage: PlannedStage, force: bool = False, callback: StepCallba
             for upstream in stage.inputs.values():
                 store.pull_upstream(upstream)
             store.pull_partial(stage.directory, stage.identity)
-            with store.publishing_checkpoints():
-                result = stage.spec.load().run(stage.config, stage.directory, inputs=stage.inputs, identity=stage.identity, callback=callback)
+            result = stage.spec.load().run(stage.config, stage.directory, inputs=stage.inputs, identity=stage.identity,
+                                           callback=store.checkpoints(stage.directory, callback))
             store.push_stage(stage.directory)
         except Exception as error:
             raise StageFailed(describe_failure(stage, error)) from error
@@ -412,7 +410,8 @@ class AssetRecord:
     status: str = "running"
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     tracking: dict[str, Any] = field(default_factory=dict)
-    """MLflow tracking URI, experiment id and the asset run id (a stage rerun logs under it)."""
+    """Where and under which keys `flows.tracking` syncs this record: the MLflow URI and experiment,
+    the asset run's key (a stage rerun logs under it), its parent's, the run tags; once synced, the run id."""
     started_at: str = ""
     finished_at: str = ""
     wall_seconds: float = 0.0
@@ -457,19 +456,48 @@ class AssetRecord:
         return record
 
 
+@dataclass
+class BatchRecord:
+    """`<out>/batches/<batch_id>/batch.json`: what the batch's MLflow run shows (tags, params,
+    metrics, summary, files relative to the root) and the records of the assets it collected."""
+
+    batch_id: str
+    name: str
+    tracking: dict[str, Any]
+    tags: dict[str, Any]
+    params: dict[str, Any]
+    started_at: str = field(default_factory=lambda: _now())
+    status: str = "running"
+    metrics: dict[str, float] = field(default_factory=dict)
+    summary: str = ""
+    files: list[str] = field(default_factory=list)
+    assets: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    finished_at: str = ""
+
+    @property
+    def rel(self) -> str:
+        return f"{BATCH_RECORDS}/{self.batch_id}/batch.json"
+
+    def save(self, out: Store | str | Path) -> None:
+        open_store(out).write_text(self.rel, json.dumps(dataclasses.asdict(self), indent=2))
+
+
 Executor = Callable[[PlannedStage, bool], StageOutcome]
 
 
 def run_asset(
-    plan: AssetPlan, *, rerun_stage: str | None = None, execute: Executor = execute_stage, tracking: dict[str, Any] | None = None
+    plan: AssetPlan, *, rerun_stage: str | None = None, execute: Executor = execute_stage, tracking: dict[str, Any] | None = None,
+    saved: Callable[[AssetRecord], None] = lambda record: None,
 ) -> AssetRecord:
     """Run (or reuse) the plan's stages in order; stop at the first failure. `rerun_stage` forces
     that stage to run, and so every later one (`execute_stage` recomputes a stage whose upstream was
-    committed after it). Writes `asset.json` (with `tracking`) after every stage."""
+    committed after it). Writes `asset.json` (with `tracking`) at the start and after every stage,
+    calling `saved(record)` then (the flow syncs MLflow there)."""
     if rerun_stage is not None:
         plan.stage(rerun_stage)
     record = AssetRecord.start(plan, tracking or {})
     record.save(plan.store)
+    saved(record)
     started = time.perf_counter()
     for stage in plan.stages:
         entry = record.stages[stage.name]
@@ -485,17 +513,16 @@ def run_asset(
             outcome = StageOutcome(stage.name, "failed", stage.identity, error=str(error))
             record.status = "failed"
         entry.update(status=outcome.status, seconds=round(outcome.seconds, 3), error=outcome.error, finished_at=_now())
-        if outcome.tracking_run_id:
-            entry["tracking_run_id"] = outcome.tracking_run_id
-        if outcome.tracking_failures:
-            entry["tracking_failures"] = outcome.tracking_failures
         if outcome.result is not None:
             entry["metrics"] = outcome.result.metrics
+        record.save(plan.store)
+        saved(record)
     if record.status != "failed":
         record.status = "completed"
     record.finished_at = _now()
     record.wall_seconds = round(time.perf_counter() - started, 3)
     record.save(plan.store)
+    saved(record)
     return record
 
 

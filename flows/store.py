@@ -1,28 +1,10 @@
-"""The output root (stage store): a local folder, or any fsspec URL shared by several machines.
+"""The output root (stage store): one small interface, `Store`, and its two implementations.
 
-`open_store("out")` or `open_store("file:///mnt/shared/csd")` uses the folder in place: stage
-directories are committed by atomic rename and locked with `flock` (which NFS supports).
-
-`open_store("s3://bucket/csd")` (or `gs://`, `az://`, …) keeps the same layout in the bucket and a
-local working copy per machine (`CSD_ASSET_WORK_DIR`, default `<cache>/stores/<hash of the URL>`),
-because stages read and write ordinary files (torch, trimesh, imageio). Objects have no rename and
-no lock, so:
-
-- **commit**: a stage's files are uploaded first and its `result.json` last, carrying a manifest
-  (sha256 of every file); a crash mid-upload leaves no `result.json`, so nothing looks done.
-- **reuse**: a stage whose committed identity matches is reused without downloading it; a stage
-  that runs downloads its upstream stages and checks them against their manifests. Files that do
-  not match (two writers interleaved) fail that stage and remove the broken commit, so the next run
-  computes the upstream stage again.
-- **checkpoints**: every checkpoint a stage saves (`TrainingCheckpoint`) is uploaded to
-  `<stage>.partial/`, so a run retried on another machine resumes from it.
-- **lock**: a lease object `<stage>.lock` (owner, expiry) renewed while the stage runs; a crashed
-  holder's lease expires after `LEASE_SECONDS`. Leases are best effort (two machines may, in a narrow
-  race, both compute a stage; the manifest check catches files their uploads mixed).
-- **records**: `asset.json` and the batch hand-over records are single objects, written whole.
-
-Credentials and endpoints come from fsspec's usual sources (e.g. `AWS_PROFILE`,
-`AWS_ENDPOINT_URL_S3` for MinIO, or `FSSPEC_S3_*` variables).
+`open_store("out")` or `open_store("file:///mnt/shared/csd")` is a `FolderStore`, used in place.
+`open_store("s3://bucket/csd")` (or `gs://`, `az://`, any fsspec URL) is an `ObjectStore`: the same
+layout in the bucket, plus a working copy per machine (`CSD_ASSET_WORK_DIR`, default
+`<cache>/stores/<name>-<hash of the URL>`), because stages read and write ordinary files.
+Credentials and endpoints come from fsspec's usual sources (`AWS_ENDPOINT_URL_S3`, …).
 """
 
 from __future__ import annotations
@@ -39,21 +21,105 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import ContextManager, Protocol
 
-from stages.common import RESULT_FILE, StageResult, atomic_write_text, checkpoint_saved, completed, stage_lock
+from stages.common import RESULT_FILE, StageResult, StepCallback, atomic_write_text, completed, stage_lock
 
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 90.0
-"""A remote stage lock not renewed for this long belongs to a dead run and may be taken over."""
+"""An object-store stage lock not renewed for this long belongs to a dead run and may be taken over."""
 MANIFEST_KEY = "manifest"
-"""Key of the `{relative path: sha256}` manifest in a remote stage's `result.json`."""
+"""Key of the `{relative path: sha256}` manifest in an object-store stage's `result.json`."""
 PARTIAL = ".partial"
 
 
 class StoreError(RuntimeError):
-    """The output root cannot be used (unknown protocol, missing credentials, unreachable)."""
+    """The output root cannot be used (unknown protocol, missing credentials, broken commit)."""
+
+
+class Store(Protocol):
+    """What the pipeline, the tracking sync and the CLI need of an output root. Stages read and write
+    under `local`; `rel` paths are relative to the root, with `/`; `remote` is the URL `local`
+    mirrors, or None (for messages only: callers never branch on it)."""
+
+    url: str
+    local: Path
+    remote: str | None
+
+    def rel(self, path: Path) -> str: ...  # a path under `local`, relative to the root
+    def path(self, rel: str) -> str: ...  # where `rel` lives for a user: a local path or a URL
+    def read_bytes(self, rel: str) -> bytes | None: ...
+    def read_text(self, rel: str) -> str | None: ...
+    def write_text(self, rel: str, text: str) -> None: ...  # whole, atomically
+    def remove(self, rel: str) -> None: ...
+    def glob(self, pattern: str) -> list[str]: ...
+    def committed(self, directory: Path, identity: str | None = None) -> StageResult | None: ...
+    def lock(self, directory: Path) -> ContextManager[None]: ...  # the right to compute that stage
+    def reusable(self, directory: Path, identity: str) -> StageResult | None: ...
+    def pull_upstream(self, directory: Path) -> None: ...  # an input stage into `local`
+    def pull_partial(self, directory: Path, identity: str) -> None: ...  # an unfinished run's checkpoint
+    def checkpoints(self, directory: Path, callback: StepCallback) -> StepCallback: ...  # step callback sharing them
+    def push_stage(self, directory: Path) -> None: ...  # commit a finished stage to the root
+
+
+@dataclass(frozen=True)
+class FolderStore:
+    """A local or shared-file-system root, used in place: the stages' own rename commits and `flock`
+    (`stages.common`) are all it needs, so its stage hooks do nothing."""
+
+    url: str
+    local: Path
+    remote = None
+
+    def __str__(self) -> str:
+        return self.url
+
+    def rel(self, path: Path) -> str:
+        return Path(path).relative_to(self.local).as_posix()
+
+    def path(self, rel: str) -> str:
+        return str(self.local / rel)
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            return (self.local / rel).read_bytes()
+        return None
+
+    def read_text(self, rel: str) -> str | None:
+        data = self.read_bytes(rel)
+        return None if data is None else data.decode()
+
+    def write_text(self, rel: str, text: str) -> None:
+        (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.local / rel, text)
+
+    def remove(self, rel: str) -> None:
+        (self.local / rel).unlink(missing_ok=True)
+
+    def glob(self, pattern: str) -> list[str]:
+        return sorted(p.relative_to(self.local).as_posix() for p in self.local.glob(pattern))
+
+    def committed(self, directory: Path, identity: str | None = None) -> StageResult | None:
+        return completed(directory, identity)
+
+    def lock(self, directory: Path) -> ContextManager[None]:
+        return stage_lock(directory)
+
+    def reusable(self, directory: Path, identity: str) -> StageResult | None:
+        return completed(directory, identity)
+
+    def pull_upstream(self, directory: Path) -> None:
+        pass
+
+    def pull_partial(self, directory: Path, identity: str) -> None:
+        pass
+
+    def checkpoints(self, directory: Path, callback: StepCallback) -> StepCallback:
+        return callback
+
+    def push_stage(self, directory: Path) -> None:
+        pass
 
 
 def _sha256(path: Path) -> str:
@@ -64,34 +130,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _local_path(url: str) -> Path | None:
-    """The folder a plain path or `file://` URL names, or None for other protocols."""
-    if "://" not in url:
-        return Path(url)
-    protocol, _, rest = url.partition("://")
-    return Path(rest) if protocol in ("file", "local") else None
-
-
-def default_work_dir(url: str) -> Path:
-    """Where this machine keeps its working copy of the remote root `url`."""
-    if os.environ.get("CSD_ASSET_WORK_DIR"):
-        return Path(os.environ["CSD_ASSET_WORK_DIR"])
-    from csd.prompts import cache_root
-
-    name = url.rstrip("/").rsplit("/", 1)[-1] or "root"
-    return cache_root() / "stores" / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
-
-
 @dataclass(frozen=True)
-class Store:
-    """An output root. `local` is where stages read and write; `remote` is the fsspec URL it mirrors,
-    or None when `local` is the root itself."""
+class ObjectStore(FolderStore):
+    """A bucket that is the truth, and this machine's working copy `local` (a cache).
 
-    url: str
-    local: Path
-    remote: str | None = None
+    Objects have no rename, so a stage is committed by uploading its files, then its `result.json`
+    with a sha256 manifest of them: a crash mid-upload leaves no `result.json`, nothing looks done.
+    A stage whose committed identity matches is reused without downloading it; a stage that runs
+    first downloads its upstream stages, checked against their manifests (a mismatch, from an upload
+    cut short or a lease lost, removes the commit, so the next run computes that stage again); its
+    checkpoints go to `<stage>.partial/` as it runs, so a retry on another machine resumes there."""
 
-    def __str__(self) -> str:
+    @property
+    def remote(self) -> str:
         return self.url
 
     @property
@@ -99,282 +150,223 @@ class Store:
         import fsspec
 
         try:
-            return fsspec.core.url_to_fs(self.remote)[0]
+            return fsspec.core.url_to_fs(self.url)[0]
         except (ImportError, ValueError) as error:
             raise StoreError(f"output root {self.url}: {error}") from error
 
-    def _key(self, rel: str) -> str:
-        return f"{self.remote.rstrip('/')}/{rel}"
-
-    def rel(self, path: Path) -> str:
-        """`path` (under `local`) relative to the root, with `/` separators."""
-        return Path(path).relative_to(self.local).as_posix()
-
     def path(self, rel: str) -> str:
-        """Where `rel` lives for a user: a local path or a URL."""
-        return str(self.local / rel) if self.remote is None else self._key(rel)
-
-    # ---- small records (asset.json, batch hand-over) ----
+        return f"{self.url.rstrip('/')}/{rel}"
 
     def read_bytes(self, rel: str) -> bytes | None:
-        if self.remote is None:
-            try:
-                return (self.local / rel).read_bytes()
-            except FileNotFoundError:
-                return None
-        try:
-            return self.fs.cat_file(self._key(rel))
-        except FileNotFoundError:
-            return None
-
-    def read_text(self, rel: str) -> str | None:
-        data = self.read_bytes(rel)
-        return None if data is None else data.decode()
+        with contextlib.suppress(FileNotFoundError):
+            return self.fs.cat_file(self.path(rel))
+        return None
 
     def write_text(self, rel: str, text: str) -> None:
-        """Write whole: atomic rename locally, one PUT remotely (the working copy keeps a copy)."""
-        path = self.local / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, text)
-        if self.remote is not None:
-            self.fs.pipe_file(self._key(rel), text.encode())
+        """One PUT (an object is replaced whole); the working copy keeps a copy."""
+        super().write_text(rel, text)
+        self.fs.pipe_file(self.path(rel), text.encode())
 
     def remove(self, rel: str) -> None:
-        (self.local / rel).unlink(missing_ok=True)
-        if self.remote is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self._key(rel))
+        super().remove(rel)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(rel))
 
     def glob(self, pattern: str) -> list[str]:
-        """Relative paths under the root matching `pattern` (e.g. `*/asset.json`), sorted."""
-        if self.remote is None:
-            return sorted(p.relative_to(self.local).as_posix() for p in self.local.glob(pattern))
-        root = self.fs._strip_protocol(self.remote).rstrip("/")
+        root = self.fs._strip_protocol(self.url).rstrip("/")
         self.fs.invalidate_cache()  # listings cached by this process miss what other machines wrote since
         return sorted(p[len(root) + 1 :] for p in self.fs.glob(f"{root}/{pattern}"))
 
+    def _result(self, rel: str) -> tuple[str, dict]:
+        """The committed `result.json` at `rel` (text and data), or `("", {})`."""
+        text = self.read_text(f"{rel}/{RESULT_FILE}") or ""
+        with contextlib.suppress(json.JSONDecodeError):
+            if MANIFEST_KEY in (result := json.loads(text or "{}")):
+                return text, result
+        return "", {}
+
     def committed(self, directory: Path, identity: str | None = None) -> StageResult | None:
-        """The result of the stage committed at `directory` in the root (with `identity` when given),
-        whether or not its files are in this machine's working copy yet; None for a path that is not a
-        stage directory of this root (a user's mesh file)."""
-        if self.remote is None:
-            return completed(directory, identity)
-        try:
-            text = self.read_text(f"{self.rel(directory)}/{RESULT_FILE}")
-            result = StageResult.from_json(text, directory) if text and MANIFEST_KEY in json.loads(text) else None
-        except (ValueError, TypeError):  # outside the root, or not a result
-            return None
-        return result if result is not None and identity in (None, result.identity) else None
+        """Whether or not its files are in this working copy; None for a path outside the root (a user's mesh)."""
+        text = self._result(self.rel(directory))[0] if Path(directory).is_relative_to(self.local) else ""
+        stage = StageResult.from_json(text, directory) if text else None
+        return stage if stage is not None and identity in (None, stage.identity) else None
 
-    # ---- stage directories ----
-
-    @contextlib.contextmanager
-    def lock(self, directory: Path) -> Iterator[None]:
-        """Exclusive right to compute the stage at `directory`: `flock` locally, a lease remotely."""
-        if self.remote is None:
-            with stage_lock(directory):
-                yield
-            return
-        with _Lease(self, f"{self.rel(directory)}.lock"):
-            yield
+    def lock(self, directory: Path) -> ContextManager[None]:
+        return _Lease(self, f"{self.rel(directory)}.lock")
 
     def reusable(self, directory: Path, identity: str) -> StageResult | None:
-        """`committed(directory, identity)`, after uploading a stage that this working copy committed
-        but never uploaded (its run died in between)."""
-        result = self.committed(directory, identity)
-        if result is None and self.remote is not None and completed(directory, identity) is not None:
+        """Also uploads a stage this working copy committed but never uploaded (its run died in between)."""
+        if self.committed(directory, identity) is None and completed(directory, identity) is not None:
             self.push_stage(directory)
-            result = self.committed(directory, identity)
-        return result
+        return self.committed(directory, identity)
 
     def pull_upstream(self, directory: Path) -> None:
-        """Bring the upstream stage committed in the root at `directory` into the working copy (unless
-        it is there already); nothing for a local root or a path outside it (a user's mesh file).
-        Raises StoreError when the root has no committed stage there, or when a file does not match
-        the manifest (two writers interleaved): then the commit is removed, so that the next run of
-        the asset computes that stage again."""
-        if self.remote is None or not Path(directory).is_relative_to(self.local):
+        """Raises StoreError when the root has no committed stage there, or a file does not match."""
+        if not Path(directory).is_relative_to(self.local):
             return
-        rel = self.rel(directory)
-        text = self.read_text(f"{rel}/{RESULT_FILE}")
-        try:
-            result = json.loads(text) if text else {}
-        except json.JSONDecodeError:
-            result = {}
-        if MANIFEST_KEY not in result:
+        rel, local = self.rel(directory), Path(directory)
+        text, result = self._result(rel)
+        if not text:
             raise StoreError(f"upstream stage {rel} is not committed in {self.url} (removed as broken, or deleted); "
                              "the next run of the asset computes it again")
-        local_result = Path(directory) / RESULT_FILE
-        if local_result.exists() and json.loads(local_result.read_text()).get(MANIFEST_KEY) == result[MANIFEST_KEY]:
+        if (local / RESULT_FILE).is_file() and (local / RESULT_FILE).read_text() == text:
             return
-        incoming = Path(directory).with_name(f".{Path(directory).name}.pull-{uuid.uuid4().hex[:8]}")
+        # downloaded beside it, then renamed into place: two workers sharing this working copy may pull at once
+        incoming, old = (local.with_name(f".{local.name}.{what}-{uuid.uuid4().hex[:8]}") for what in ("pull", "old"))
         try:
             for name, digest in result[MANIFEST_KEY].items():
-                target = incoming / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    self.fs.get_file(self._key(f"{rel}/{name}"), str(target))
-                except FileNotFoundError:
-                    self._broken(rel, text, f"{name} is missing")
-                if _sha256(target) != digest:
-                    self._broken(rel, text, f"{name} does not match its manifest")
-            incoming.mkdir(parents=True, exist_ok=True)
+                (incoming / name).parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.get_file(self.path(f"{rel}/{name}"), str(incoming / name))
+                if not (incoming / name).is_file() or _sha256(incoming / name) != digest:
+                    if self.read_text(f"{rel}/{RESULT_FILE}") == text:  # not recommitted meanwhile
+                        self.fs.rm_file(self.path(f"{rel}/{RESULT_FILE}"))
+                    raise StoreError(f"stage {rel} in {self.url}: {name} does not match its manifest (missing or changed: an "
+                                     "upload cut short, or a lost lease); its commit is removed, so the next run computes it again")
             (incoming / RESULT_FILE).write_text(text)
-            _replace_dir(incoming, Path(directory))
+            if local.exists():
+                os.replace(local, old)
+            os.replace(incoming, local)
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
         log.info("stage %s: pulled from %s", rel, self.url)
 
-    def _broken(self, rel: str, text: str, why: str) -> None:
-        """Uncommit the stage at `rel` (if its result is still `text`) and raise StoreError."""
-        if self.read_text(f"{rel}/{RESULT_FILE}") == text:
+    def pull_partial(self, directory: Path, identity: str) -> None:
+        """The root's checkpoint of an unfinished run with this identity, so it resumes where any machine left it."""
+        rel, partial = self.rel(directory) + PARTIAL, Path(str(directory) + PARTIAL)
+        if self.read_text(f"{rel}/identity.txt") == identity:
+            partial.mkdir(parents=True, exist_ok=True)
+            for key in self.glob(f"{rel}/*"):
+                self.fs.get_file(self.path(key), str(partial / ".pull"))
+                os.replace(partial / ".pull", partial / key.rsplit("/", 1)[-1])
+
+    def checkpoints(self, directory: Path, callback: StepCallback) -> StepCallback:
+        """`callback`, uploading `<stage>.partial/checkpoint.pt` whenever it changed. The step callback
+        is the one explicit hook every stage takes; a checkpoint saved after step n's callback goes up
+        at step n + 1's (a failed upload only warns: a resume elsewhere would start further back)."""
+        partial, seen = Path(str(directory) + PARTIAL), {}
+
+        def step(number: int, metrics: dict[str, float]) -> None:
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self._key(f"{rel}/{RESULT_FILE}"))
-        raise StoreError(f"stage {rel} in {self.url}: {why} (two writers interleaved, or an upload was cut short); "
-                         "its commit is removed, so the next run computes it again")
+                if seen.setdefault("stamp", None) != (stamp := (partial / "checkpoint.pt").stat().st_mtime_ns):
+                    seen["stamp"] = stamp
+                    try:
+                        for name in ("identity.txt", "checkpoint.pt"):
+                            self.fs.put_file(str(partial / name), self.path(f"{self.rel(partial)}/{name}"))
+                    except Exception as error:  # noqa: BLE001 — any storage error; the stage goes on
+                        log.warning("could not upload checkpoint %s to %s: %s", partial, self.url, error)
+            if callback is not None:
+                callback(number, metrics)
+
+        return step
 
     def push_stage(self, directory: Path) -> None:
-        """Upload the working copy's committed stage at `directory`: files, then `result.json` with
-        the manifest (the commit). Skipped when the root already holds exactly this result."""
-        if self.remote is None:
-            return
-        directory = Path(directory)
-        rel = self.rel(directory)
+        """Upload the working copy's committed stage: files, then `result.json` with the manifest (the
+        commit), then drop the root's checkpoint; nothing when the root holds it already. (Objects under the
+        stage that the manifest does not name, from an older commit, are ignored by every reader.)"""
+        directory, rel = Path(directory), self.rel(directory)
         result = json.loads((directory / RESULT_FILE).read_text())
-        files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != RESULT_FILE)
-        manifest = result.get(MANIFEST_KEY) or {p.relative_to(directory).as_posix(): _sha256(p) for p in files}
-        remote_text = self.read_text(f"{rel}/{RESULT_FILE}")
-        if remote_text and json.loads(remote_text).get(MANIFEST_KEY) == manifest:
+        manifest = result.get(MANIFEST_KEY) or {p.relative_to(directory).as_posix(): _sha256(p)
+                                                for p in sorted(directory.rglob("*")) if p.is_file() and p.name != RESULT_FILE}
+        if self._result(rel)[1].get(MANIFEST_KEY) == manifest:
             return
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self._key(f"{rel}/{RESULT_FILE}"))  # uncommit the older stage first
+            self.fs.rm_file(self.path(f"{rel}/{RESULT_FILE}"))  # uncommit the older stage first
         for name in manifest:
-            self.fs.put_file(str(directory / name), self._key(f"{rel}/{name}"))
-        stale = set(self.glob(f"{rel}/**")) - {f"{rel}/{name}" for name in manifest} - {f"{rel}/{RESULT_FILE}"}
-        for key in sorted(stale):
-            if self.fs.isfile(self._key(key)):
-                self.fs.rm_file(self._key(key))
+            self.fs.put_file(str(directory / name), self.path(f"{rel}/{name}"))
         committed = json.dumps({**result, MANIFEST_KEY: manifest}, indent=2)
-        self.fs.pipe_file(self._key(f"{rel}/{RESULT_FILE}"), committed.encode())
+        self.fs.pipe_file(self.path(f"{rel}/{RESULT_FILE}"), committed.encode())
         atomic_write_text(directory / RESULT_FILE, committed)
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(self._key(rel + PARTIAL), recursive=True)
+            self.fs.rm(self.path(rel + PARTIAL), recursive=True)
         log.info("stage %s: pushed to %s (%d files)", rel, self.url, len(manifest))
-
-    def pull_partial(self, directory: Path, identity: str) -> None:
-        """Bring the root's checkpoint of an unfinished run of this stage (same identity) into the
-        working copy, so the stage resumes where any machine left it."""
-        if self.remote is None:
-            return
-        rel = self.rel(directory) + PARTIAL
-        if self.read_text(f"{rel}/identity.txt") != identity:
-            return
-        partial = Path(str(directory) + PARTIAL)
-        partial.mkdir(parents=True, exist_ok=True)
-        for key in self.glob(f"{rel}/*"):
-            name = key.rsplit("/", 1)[-1]
-            tmp = partial / f".{name}.pull"
-            self.fs.get_file(self._key(key), str(tmp))
-            os.replace(tmp, partial / name)
-        log.info("stage %s: pulled the checkpoint of an unfinished run from %s", rel, self.url)
-
-    @contextlib.contextmanager
-    def publishing_checkpoints(self) -> Iterator[None]:
-        """While the stage runs, upload every checkpoint it saves (and the partial's identity)."""
-        if self.remote is None:
-            yield
-            return
-
-        def publish(path: Path) -> None:
-            rel = self.rel(path.parent)
-            try:
-                self.fs.put_file(str(path.parent / "identity.txt"), self._key(f"{rel}/identity.txt"))
-                self.fs.put_file(str(path), self._key(f"{rel}/{path.name}"))
-            except Exception as error:  # the stage goes on; only a resume on another machine would start further back
-                log.warning("could not upload checkpoint %s to %s: %s: %s", rel, self.url, type(error).__name__, error)
-
-        token = checkpoint_saved.set(publish)
-        try:
-            yield
-        finally:
-            checkpoint_saved.reset(token)
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move `source` to `target`, replacing what is there, never leaving `target` half-written."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(source, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class _Lease:
-    """A lease object in the root: taken when absent, expired or ours; renewed by a thread."""
+    """A stage lock in an object store, made of conditional writes: `pipe_file(mode="create")` sends
+    `If-None-Match: *`, which S3 (since 2024), MinIO, GCS and Azure honour atomically, so of two
+    machines creating one object exactly one succeeds. The moto S3 server of the tests answers 412
+    to the second, and eight racing machines never held one lock at once (tests/flows/test_store.py).
+    Chosen over Prefect's global concurrency limits: no API server needed, it holds for any process
+    (a CLI run too), and it lives next to the stage it guards.
 
-    def __init__(self, store: Store, rel: str, seconds: float = LEASE_SECONDS, poll: float = 1.0):
+    `<stage>.lock/<n>` are generations: the highest is the lease (owner, expiry), renewed every third
+    of `LEASE_SECONDS`; a free or expired lease is taken by creating generation n + 1, so of two takers
+    one wins. The highest is never deleted (a release marks it expired), so numbers never go back.
+    It holds while clocks agree within the lease time and no holder pauses longer than it (that one
+    logs an error at its next renewal; the manifest check catches what two writers mixed)."""
+
+    def __init__(self, store: ObjectStore, rel: str, seconds: float = LEASE_SECONDS, poll: float = 1.0):
         self.store, self.rel, self.seconds, self.poll = store, rel, seconds, poll
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner, self.generation = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", -1
         self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
+        self._renewer = threading.Thread(target=self._renew, daemon=True, name=f"lease {rel}")
 
-    def _holder(self) -> dict[str, Any] | None:
-        text = self.store.read_text(self.rel)
-        try:
-            return json.loads(text) if text else None
-        except json.JSONDecodeError:
-            return None
+    def _generations(self) -> list[int]:
+        return sorted(int(name) for key in self.store.glob(f"{self.rel}/*") if (name := key.rsplit("/", 1)[1]).isdigit())
 
-    def _write(self) -> None:
-        body = {"owner": self.owner, "expires": time.time() + self.seconds}
-        self.store.fs.pipe_file(self.store._key(self.rel), json.dumps(body).encode())
+    def _top(self) -> tuple[int, dict]:
+        top = (self._generations() or [-1])[-1]
+        return top, json.loads(self.store.read_text(f"{self.rel}/{top}") or "{}") if top >= 0 else {}
+
+    def _write(self, generation: int, expires: float, mode: str) -> None:
+        body = json.dumps({"owner": self.owner, "expires": expires}).encode()
+        self.store.fs.pipe_file(self.store.path(f"{self.rel}/{generation}"), body, mode=mode)
 
     def __enter__(self) -> "_Lease":
         waited = False
-        while True:
-            holder = self._holder()
-            if holder is None or holder.get("expires", 0) < time.time():
-                self._write()
-                time.sleep(min(self.poll, 0.5))  # let a racing writer land, then see who won
-                if (self._holder() or {}).get("owner") == self.owner:
-                    break
+        while self.generation < 0:
+            top, holder = self._top()
+            if holder.get("expires", 0) < time.time():
+                with contextlib.suppress(FileExistsError):  # another machine took it first
+                    self._write(top + 1, time.time() + self.seconds, "create")
+                    self.generation = top + 1
+                    continue
             elif not waited:
                 log.info("stage %s is being computed by %s; waiting", self.rel, holder.get("owner"))
                 waited = True
             time.sleep(self.poll)
-        self._renewer = threading.Thread(target=self._renew, daemon=True, name=f"lease {self.rel}")
+        for older in [g for g in self._generations() if g < self.generation]:
+            with contextlib.suppress(FileNotFoundError):
+                self.store.fs.rm_file(self.store.path(f"{self.rel}/{older}"))
         self._renewer.start()
         return self
 
     def _renew(self) -> None:
         while not self._stop.wait(self.seconds / 3):
             try:
-                self._write()
-            except Exception as error:  # the stage goes on; the lease may lapse
+                if self._top()[0] != self.generation:
+                    return log.error("lease %s was taken over (this run paused longer than %.0f s?)", self.rel, self.seconds)
+                self._write(self.generation, time.time() + self.seconds, "overwrite")
+            except Exception as error:  # noqa: BLE001 — any storage error; the stage goes on, the lease may lapse
                 log.warning("could not renew lease %s: %s", self.rel, error)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join()
-        if (self._holder() or {}).get("owner") == self.owner:
-            with contextlib.suppress(FileNotFoundError):
-                self.store.fs.rm_file(self.store._key(self.rel))
+        self._renewer.join()
+        if self._top()[0] == self.generation:
+            self._write(self.generation, 0.0, "overwrite")
 
 
 def open_store(out: "Store | str | Path", work_dir: Path | None = None) -> Store:
-    """The store for an output root given as a path or URL (a Store passes through)."""
-    if isinstance(out, Store):
+    """The store for an output root given as a path or URL (a store passes through)."""
+    if isinstance(out, FolderStore):
         return out
     url = str(out)
-    local = _local_path(url)
-    if local is not None:
-        return Store(url, local.absolute())
+    protocol, _, rest = url.partition("://") if "://" in url else ("file", "", url)
+    if protocol in ("file", "local"):
+        return FolderStore(url, Path(rest).absolute())
     import fsspec
 
-    protocol = url.partition("://")[0]
     try:
         fsspec.get_filesystem_class(protocol)
     except (ImportError, ValueError) as error:
         raise StoreError(f"output root {url}: no fsspec file system for {protocol!r} ({error}); e.g. pip install s3fs") from error
-    return Store(url, Path(work_dir or default_work_dir(url)).absolute(), remote=url)
+    if work_dir is None and os.environ.get("CSD_ASSET_WORK_DIR"):
+        work_dir = Path(os.environ["CSD_ASSET_WORK_DIR"])
+    elif work_dir is None:
+        from csd.prompts import cache_root
+
+        work_dir = cache_root() / "stores" / f"{url.rstrip('/').rsplit('/', 1)[-1]}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    return ObjectStore(url, Path(work_dir).absolute())

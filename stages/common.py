@@ -9,7 +9,6 @@ a crash never leaves a half stage that looks done and never loses what was there
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import fcntl
 import json
@@ -29,12 +28,10 @@ import torch
 log = logging.getLogger(__name__)
 
 StepCallback = Optional[Callable[[int, dict[str, float]], None]]
-"""Called by long stage loops with (step, metrics) — the flow logs them to MLflow."""
+"""Called by long stage loops with (step, metrics), after the step and before its checkpoint is saved
+(an object-store root uploads checkpoints from it, `flows.store`)."""
 
 RESULT_FILE = "result.json"
-checkpoint_saved: contextvars.ContextVar[Optional[Callable[[Path], None]]] = contextvars.ContextVar("checkpoint_saved", default=None)
-"""Called with the path of every checkpoint a stage saves: a shared output root uploads it, so a run
-retried on another machine resumes from it (see `flows.store`)."""
 
 
 @dataclass
@@ -178,9 +175,6 @@ class TrainingCheckpoint:
     def save(self, step: int, history: list[dict[str, float]], **state: Any) -> None:
         payload = {**state, "generator": self.generator.get_state(), "rng": self.rng.getstate(), "step": step, "history": history}
         atomic_save(lambda p: torch.save(payload, p), self.path)
-        publish = checkpoint_saved.get()
-        if publish is not None:
-            publish(self.path)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

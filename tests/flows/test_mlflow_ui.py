@@ -11,6 +11,7 @@ URL lands on GenAI whatever the tag, and the URL we hand a reviewer must say
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -21,6 +22,8 @@ import pytest
 from mlflow import MlflowClient
 from servers import ROOT, free_port, stop, wait_healthy
 
+from flows.pipeline import AssetRecord, BatchRecord
+from flows.store import open_store
 from flows.tracking import EXPERIMENT_TAGS, Tracker, experiment_link
 
 pytestmark = pytest.mark.slow
@@ -53,15 +56,15 @@ def _load(chromium: str, url: str, profile: Path, screenshot: Path | None = None
 
 @pytest.fixture
 def ui(tmp_path):
-    """A finished batch → asset run tree in a SQLite store, written by our Tracker, and `mlflow ui` on it."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = Tracker(uri, experiment_name="ui-check", artifact_location=(tmp_path / "artifacts").as_uri())
-    batch = tracker.start_run(BATCH)
-    asset = tracker.start_run("red-cube", parent_run_id=batch)
-    tracker.log_metrics(asset, {"loss": 0.25}, step=1)
-    tracker.end_run(asset, succeeded=True)
-    tracker.end_run(batch, succeeded=True)
-    tracker.close()
+    """A finished batch → asset run tree in a SQLite store, synced by our Tracker, and `mlflow ui` on it."""
+    uri, store, done = f"sqlite:///{tmp_path / 'mlflow.db'}", open_store(tmp_path / "out"), "2026-01-01T00:01:00+00:00"
+    link = {"uri": uri, "experiment": "ui-check", "artifact_location": (tmp_path / "artifacts").as_uri()}
+    asset = AssetRecord("red-cube", {}, "toy-cpu", {}, "completed", {}, {**link, "key": "batch/ui/red-cube", "stage_prefix": "batch/ui/red-cube",
+                        "parent_key": "batch/ui"}, started_at=done, finished_at=done)
+    batch = BatchRecord("ui", BATCH, {**link, "key": "batch/ui"}, {}, {}, started_at=done, status="completed",
+                        assets={"red-cube": dataclasses.asdict(asset)}, finished_at=done)
+    batch.save(store)
+    assert Tracker(uri, "ui-check", link["artifact_location"]).sync(store, batch.rel)
     experiment = MlflowClient(uri).get_experiment_by_name("ui-check")
     assert experiment.tags.items() >= EXPERIMENT_TAGS.items()
 

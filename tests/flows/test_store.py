@@ -161,7 +161,7 @@ def test_two_machines_share_an_s3_root(s3, tmp_path, tiny):
     assert len(mesh.faces) > 0
 
 
-def test_a_lease_excludes_others_until_released_and_expires_when_its_holder_died(bucket, tmp_path):
+def test_a_lease_excludes_others_until_released_and_a_dead_holders_is_taken_over_once_expired(bucket, tmp_path):
     store = _machine(bucket, tmp_path, "a")
     stage_dir = store.local / "red" / "nerf"
     order = []
@@ -178,13 +178,45 @@ def test_a_lease_excludes_others_until_released_and_expires_when_its_holder_died
         order.append("first out")
     waiter.join(timeout=30)
     assert order == ["first in", "first out", "second in"]
-    assert not fsspec.filesystem("memory").exists(f"{bucket.split('://')[1]}/red/nerf.lock"), "released leases are removed"
+    remote, lease = fsspec.filesystem("memory"), f"{bucket.split('://')[1]}/red/nerf.lock"
+    (top,) = remote.ls(lease, detail=False)
+    assert top.endswith("/1") and json.loads(remote.cat_file(top))["expires"] == 0, "one generation left, released"
 
     # a holder that died leaves its lease; it is taken over once expired, not before
-    remote = fsspec.filesystem("memory")
-    lease = f"{bucket.split('://')[1]}/red/nerf.lock"
-    remote.pipe_file(lease, json.dumps({"owner": "dead-host:1:x", "expires": time.time() + 2}).encode())
+    remote.pipe_file(f"{lease}/7", json.dumps({"owner": "dead-host:1:x", "expires": time.time() + 2}).encode())
     started = time.monotonic()
     with store.lock(stage_dir):
         waited = time.monotonic() - started
+        assert [Path(p).name for p in remote.ls(lease, detail=False)] == ["8"], "the dead holder's generation is gone"
     assert 1.5 < waited < 10, waited
+
+
+@pytest.mark.slow
+def test_conditional_writes_make_the_s3_lease_exclusive(s3, tmp_path, monkeypatch):
+    """Against the moto S3 server: a second create of the same object is refused (HTTP 412), and eight
+    machines racing for one stage lock never hold it at once."""
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    fs = s3fs.S3FileSystem(endpoint_url=s3["AWS_ENDPOINT_URL_S3"])
+    fs.pipe_file("csd/probe", b"1", mode="create")
+    with pytest.raises(FileExistsError):
+        fs.pipe_file("csd/probe", b"2", mode="create")
+    holders, overlaps = [], []
+
+    def machine(name: str) -> None:
+        store = open_store("s3://csd/race", work_dir=tmp_path / name)
+        for _ in range(3):
+            lock = store.lock(store.local / "red" / "nerf")
+            lock.poll = 0.05
+            with lock:
+                holders.append(name)
+                overlaps.append(len(holders) > 1)
+                time.sleep(0.05)
+                holders.remove(name)
+
+    threads = [threading.Thread(target=machine, args=(f"m{i}",)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(overlaps) == 24 and not any(overlaps)

@@ -1,0 +1,176 @@
+"""MLflow runs synced from the output root: batch → asset → stage runs made from the records and stage
+folders, idempotently. "Down" is an SQLite store whose client calls raise a connection error."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from flows.cli import main
+from flows.pipeline import AssetRecord, BatchRecord
+from flows.store import open_store
+from flows.tracking import KEY_TAG, PENDING, Tracker
+from stages.common import StageResult, StageWorkspace
+
+EXPERIMENT = "sync"
+WRITES = ("create_run", "log_batch", "log_artifact", "log_text", "set_terminated", "set_tag", "delete_run", "create_experiment")
+
+
+def _server_down(patch: pytest.MonkeyPatch, calls: tuple[str, ...] = ("get_experiment_by_name", "search_runs", *WRITES)) -> None:
+    def refused(*args, **kwargs):
+        raise requests.ConnectionError("connection refused")
+
+    for name in calls:
+        patch.setattr(MlflowClient, name, refused)
+
+
+def _count_writes(patch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    for name in WRITES:
+        original = getattr(MlflowClient, name)
+        patch.setattr(MlflowClient, name, lambda self, *a, _o=original, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
+    return calls
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with its tables made (seconds each time), copied by every test."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def _root(tmp_path: Path, empty_store: Path) -> tuple:
+    """A batch over one asset: nerf ran (folder with config, history, preview, weights), mesh failed, uv blocked."""
+    store = open_store(tmp_path / "out")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
+    link = {"uri": uri, "experiment": EXPERIMENT, "artifact_location": (tmp_path / "artifacts").as_uri()}
+    with StageWorkspace(store.local / "red" / "nerf", "nerf", "id-nerf") as workspace:
+        (workspace.path / "config.yaml").write_text("steps: 12\nguidance:\n  method: csd\n")
+        (workspace.path / "history.json").write_text(json.dumps([{"step": s, "loss": 1 / s} for s in range(1, 13)]))
+        (workspace.path / "turntable.png").write_bytes(b"png")
+        (workspace.path / "field.safetensors").write_bytes(b"weights")
+        outputs = {"config": "config.yaml", "history": "history.json", "field": "field.safetensors", "preview": "turntable.png"}
+        workspace.commit(StageResult("nerf", "", outputs, {"final_loss": 0.08}, {"total": 1.5}, ["turntable.png"]))
+    stages = {"nerf": {"status": "ran", "identity": "id-nerf", "finished_at": "2026-01-01T00:01:00+00:00", "metrics": {"final_loss": 0.08}},
+              "mesh": {"status": "failed", "identity": "id-mesh", "error": "stage 'mesh' failed: boom", "finished_at": "2026-01-01T00:02:00+00:00"},
+              "uv": {"status": "blocked", "identity": "id-uv"}}
+    asset = AssetRecord("red", {"asset_id": "red", "prompt": "a red cube"}, "toy-cpu", {"nerf.steps": 12}, "failed", stages,
+                        {**link, "key": "batch/B1/red", "stage_prefix": "batch/B1/red", "parent_key": "batch/B1",
+                         "tags": {"asset_id": "red", "prompt": "a red cube"}},
+                        started_at="2026-01-01T00:00:00+00:00", finished_at="2026-01-01T00:02:00+00:00")
+    asset.save(store)
+    batch = BatchRecord("B1", "demo 2026-01-01", {**link, "key": "batch/B1"}, {"catalog": "demo.csv"}, {"assets": 1},
+                        started_at="2026-01-01T00:00:00+00:00", status="failed", metrics={"assets_failed": 1}, summary="# summary\n",
+                        assets={"red": dataclasses.asdict(asset)}, finished_at="2026-01-01T00:03:00+00:00")
+    batch.save(store)
+    return store, uri, link, batch.rel
+
+
+def _state(uri: str) -> dict:
+    """Every run by key: name, parent's key, status, end time, params, tags, metric histories, artifacts."""
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], max_results=1000)
+    keys = {run.info.run_id: run.data.tags[KEY_TAG] for run in runs}
+    assert len(set(keys.values())) == len(runs), f"a run was created twice: {sorted(keys.values())}"
+
+    def artifacts(run_id: str, path: str | None = None) -> list[str]:
+        return sorted(p for a in client.list_artifacts(run_id, path) for p in (artifacts(run_id, a.path) if a.is_dir else [a.path]))
+
+    return {keys[run.info.run_id]: {
+        "name": run.info.run_name, "parent": keys.get(run.data.tags.get("mlflow.parentRunId")), "status": run.info.status,
+        "end": run.info.end_time, "params": run.data.params, "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
+        "metrics": {k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics},
+        "artifacts": artifacts(run.info.run_id)} for run in runs}
+
+
+def test_syncing_a_root_three_times_with_the_server_down_once_gives_identical_runs_each_once(tmp_path, empty_store, monkeypatch, capsys):
+    store, uri, link, batch = _root(tmp_path, empty_store)
+    assert Tracker(uri, EXPERIMENT, link["artifact_location"]).sync(store, batch)
+    first = _state(uri)
+    assert set(first) == {"batch/B1", "batch/B1/red", "batch/B1/red/nerf", "batch/B1/red/mesh"}, "blocked uv has no run"
+    nerf, mesh = first["batch/B1/red/nerf"], first["batch/B1/red/mesh"]
+    assert (first["batch/B1/red"]["parent"], nerf["parent"], mesh["parent"]) == ("batch/B1", "batch/B1/red", "batch/B1/red")
+    assert (first["batch/B1"]["status"], first["batch/B1/red"]["status"], nerf["status"], mesh["status"]) == ("FAILED",) * 2 + ("FINISHED", "FAILED")
+    assert nerf["params"] == {"steps": "12", "guidance.method": "csd"}
+    assert nerf["metrics"]["loss"] == [(1, 1.0), (10, 0.1), (12, 1 / 12)], "every 10th step, first and last"
+    assert nerf["metrics"]["final_loss"] == [(0, 0.08)] and nerf["metrics"]["time_total"] == [(0, 1.5)]
+    assert nerf["artifacts"] == ["config.yaml", "files/history.json", "previews/turntable.png", "result.json"], "no weights"
+    assert mesh["tags"]["error"] == "stage 'mesh' failed: boom" and mesh["artifacts"] == ["error.txt"]
+    assert first["batch/B1"]["artifacts"] == ["summary.md"] and first["batch/B1"]["metrics"] == {"assets_failed": [(0, 1.0)]}
+    assert first["batch/B1/red"]["params"] == {"preset": "toy-cpu", "overrides.nerf.steps": "12", "stages": "nerf,mesh,uv"}
+    assert MlflowClient(uri).get_experiment_by_name(EXPERIMENT).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    with monkeypatch.context() as patch:
+        _server_down(patch)
+        assert not Tracker(uri, EXPERIMENT).sync(store, batch), "down: not synced"
+        assert store.glob(f"{PENDING}/*.txt"), "the record waits for sync-tracking"
+        assert main(["sync-tracking", "--out", str(store.local)]) == 1
+        assert "1 record(s) still not synced" in capsys.readouterr().out
+    with monkeypatch.context() as patch:
+        writes = _count_writes(patch)
+        assert main(["sync-tracking", "--out", str(store.local)]) == 0
+        assert Tracker(uri, EXPERIMENT).sync(store, batch)
+    assert writes == [], "an unchanged root sends nothing"
+    assert store.glob(f"{PENDING}/*.txt") == []
+    assert _state(uri) == first
+
+
+def test_a_sync_cut_short_completes_later_without_sending_anything_twice(tmp_path, empty_store, monkeypatch):
+    store, uri, link, batch = _root(tmp_path, empty_store)
+    reference_store, reference_uri, _, _ = _root(tmp_path / "reference", empty_store)
+    assert Tracker(reference_uri, EXPERIMENT, link["artifact_location"]).sync(reference_store, batch)
+
+    asset = "red/asset.json"
+    with monkeypatch.context() as patch:  # the asset flow syncs before its batch run exists: it waits for its parent
+        assert not Tracker(uri, EXPERIMENT, link["artifact_location"]).sync(store, asset)
+        _server_down(patch, ("log_artifact",))  # the server goes away as the first file is uploaded
+        tracker = Tracker(uri, EXPERIMENT, link["artifact_location"])
+        assert not tracker.sync(store, batch) and "connection refused" in tracker.failures[0]
+    assert len(store.glob(f"{PENDING}/*.txt")) == 2
+    assert main(["sync-tracking", "--out", str(store.local)]) == 0
+    assert store.glob(f"{PENDING}/*.txt") == []
+    expected, got = _state(reference_uri), _state(uri)
+    for run in (*expected.values(), *got.values()):
+        run["tags"].pop("directory", None), run["tags"].pop("csd_synced")  # where each root is, and so the digest
+    assert got == expected
+
+
+def test_a_rerun_adds_stage_runs_under_the_asset_run_and_duplicates_from_a_race_are_removed(tmp_path, empty_store):
+    store, uri, link, batch = _root(tmp_path, empty_store)
+    tracker = Tracker(uri, EXPERIMENT, link["artifact_location"])
+    assert tracker.sync(store, batch)
+    record = AssetRecord.load(store, "red")
+    record.tracking.update(stage_prefix="batch/B1/red/rerun-R2", rerun=True)
+    record.stages["nerf"]["status"] = "reused"
+    record.stages["mesh"] = {"status": "ran", "identity": "id-mesh", "finished_at": "2026-01-02T00:00:00+00:00", "metrics": {}}
+    record.status = "completed"
+    record.save(store)
+    client = MlflowClient(uri)
+    twin = client.create_run(tracker.experiment_id, tags={KEY_TAG: "batch/B1/red"}, run_name="red")  # another process, same run
+    assert tracker.sync(store, "red/asset.json")
+    state = _state(uri)
+    assert client.get_run(twin.info.run_id).info.lifecycle_stage == "deleted", "the newer duplicate goes"
+    assert state["batch/B1/red/rerun-R2/mesh"]["parent"] == "batch/B1/red" and "batch/B1/red/rerun-R2/nerf" not in state
+    assert state["batch/B1/red"]["status"] == "FINISHED" and state["batch/B1/red"]["tags"]["status"] == "completed"
+    assert tracker.run_ids["batch/B1/red"] == client.get_run(tracker.run_ids["batch/B1/red"]).info.run_id != twin.info.run_id
+
+
+def test_the_batch_summary_says_how_to_sync_what_is_missing(tmp_path, empty_store):
+    from flows.flow import summary_markdown
+
+    store, uri, link, _ = _root(tmp_path, empty_store)
+    record = AssetRecord.load(store, "red")
+    record.tracking["failures"] = ["red/asset.json: ConnectionError: connection refused"]
+    markdown = summary_markdown("demo.csv", {"red": record}, Tracker(uri, EXPERIMENT), None, out=str(store.local))
+    assert f"`csd-asset sync-tracking --out {store.local}`" in markdown
+    assert "- red: 1 sync(s) failed; first problem: red/asset.json: ConnectionError" in markdown
+    assert "not in MLflow yet" in markdown
