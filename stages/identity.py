@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +111,27 @@ def _imported_names(file: Path, module: str) -> frozenset[str]:
     return _IMPORTS[key]
 
 
+_PARSE_LOCK = threading.Lock()
+"""CPython 3.11 keeps the AST constructor's recursion depth per interpreter, not per thread: two threads
+building ASTs at once raise `SystemError: AST constructor recursion depth mismatch` (python/cpython
+gh-106905). Assets planned in threads parse under this lock."""
+
+
+def _parse(file: Path) -> ast.Module:
+    source = file.read_bytes()
+    with _PARSE_LOCK:
+        try:
+            return ast.parse(source, filename=str(file))
+        except SystemError:
+            # another library (Prefect's docstring parser, pytest's rewriter) built an AST in a thread at
+            # the same moment: the parse itself was fine, the shared depth counter was not; parse again
+            return ast.parse(source, filename=str(file))
+
+
 def _parse_imports(file: Path, module: str) -> set[str]:
     package = module if file.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(file.read_bytes(), filename=str(file))):
+    for node in ast.walk(_parse(file)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

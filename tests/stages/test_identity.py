@@ -121,3 +121,24 @@ def test_weights_fingerprints_find_every_model_config(tmp_path):
     assert found == {"model": model_fingerprint(ModelConfig(model=str(model)))}
     with pytest.raises(ModelNotFoundError, match="model_index.json"):
         weights_fingerprints(NerfConfig(model=ModelConfig(model=str(tmp_path))))
+
+
+def test_a_parse_spoiled_by_another_threads_ast_is_parsed_again(monkeypatch, tmp_path):
+    # CPython 3.11 gh-106905: a concurrent AST build elsewhere makes a sound parse raise SystemError once
+    import ast
+
+    from stages import identity
+
+    real, calls = ast.parse, []
+
+    def flaky(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=48, after=47)")
+        return real(*args, **kwargs)
+
+    source = tmp_path / "m.py"
+    source.write_text("import csd.models\nfrom stages import common\n")
+    monkeypatch.setattr(identity.ast, "parse", flaky)
+    assert identity._parse_imports(source, "m") >= {"csd.models", "stages", "stages.common"}
+    assert len(calls) == 2
