@@ -122,3 +122,28 @@ def test_vase_like_cube_with_a_horn_is_not_a_cube(evaluator):
     result = evaluator.score(views, "a red cube")
     assert result.colour_fraction >= 0.9
     assert result.other_fraction >= 0.75 and result.shape_fraction <= 0.25, result.predicted_shapes
+
+
+def test_stages_judged_by_the_evaluator_are_identified_by_its_weights(tmp_path, monkeypatch):
+    import shutil
+
+    from stages import identity
+    from stages.export import ExportConfig
+    from stages.texture import TextureConfig
+
+    found = identity.weights_fingerprints(ExportConfig(scorer="toy"))
+    assert found["scorer"] == f"toy-evaluator:{identity.evaluator_fingerprint()}" and found["scorer"].startswith("toy-evaluator:sha256:")
+    assert "scorer" not in identity.weights_fingerprints(ExportConfig(scorer="none"))
+    assert identity.weights_fingerprints(TextureConfig(evaluator="toy"))["evaluator"] == found["scorer"]
+    assert "evaluator" not in identity.weights_fingerprints(TextureConfig(evaluator="none"))
+    # retrained weights (one byte of the file) are another identity
+    (tmp_path / "csd" / "toy").mkdir(parents=True)
+    for name in ("evaluator.safetensors", "evaluator.json"):
+        shutil.copy(identity.PROJECT_ROOT / "csd" / "toy" / name, tmp_path / "csd" / "toy" / name)
+    monkeypatch.setattr(identity, "PROJECT_ROOT", tmp_path)
+    assert identity.evaluator_fingerprint() == identity.weights_fingerprints(ExportConfig())["scorer"].split(":", 1)[1]
+    weights = tmp_path / "csd" / "toy" / "evaluator.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert f"toy-evaluator:{identity.evaluator_fingerprint()}" != found["scorer"]
