@@ -525,6 +525,40 @@ def sample_other_scenes(n: int, config: WorldConfig, generator: torch.Generator)
     return scenes
 
 
+def vase_with_horn(n: int) -> tuple[OtherScenes, WorldConfig]:
+    """The demo's failure by hand: a red cube stretched upright ×1.7 with one horn out of its side."""
+    config = WorldConfig()
+    scenes = sample_other_scenes(n, config, torch.Generator().manual_seed(11))
+    base = replace(
+        scenes.base,
+        shape=torch.full((n,), SHAPES.index("cube")),
+        colour=torch.full((n,), COLOUR_NAMES.index("red")),
+        radius=torch.full((n,), 0.42),
+        yaw=torch.zeros(n),
+        albedo=torch.tensor([COLOURS["red"]]).expand(n, 3),
+        background=torch.full((n, 3), 0.85),
+        ambient=torch.full((n,), 0.4),
+    )
+    stretch = torch.ones(n, 3)
+    stretch[:, 2] = 1.7
+    vase = replace(
+        scenes,
+        base=base, kind=torch.full((n,), OTHER_KINDS.index("horns")), centre=torch.zeros(n, 3), stretch=stretch,
+        taper=torch.zeros(n), twist=torch.zeros(n), second_mode=torch.zeros(n, dtype=torch.long),
+        blob_on=torch.zeros_like(scenes.blob_on), blobs_only=torch.zeros(n, dtype=torch.bool),
+        wave_amplitude=torch.zeros_like(scenes.wave_amplitude), lipschitz=torch.ones(n),
+    )
+    direction = torch.tensor([[0.0, 1.0, 0.2]]).expand(n, 3)
+    direction = (direction / direction.norm(dim=-1, keepdim=True))[:, None].repeat(1, 2, 1)
+    surface = _outer_surface(vase, direction)
+    horn_on = torch.zeros_like(scenes.horn_on)
+    horn_on[:, 0] = True
+    return replace(
+        vase, horn_on=horn_on, horn_base=direction * (0.8 * surface)[..., None],
+        horn_tip=direction * (surface + 0.4)[..., None], horn_radius=torch.full((n, 2), 0.12),
+    ), config
+
+
 # --- is a non-primitive one in the image? ---------------------------------------------------------------
 
 

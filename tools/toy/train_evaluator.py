@@ -141,6 +141,8 @@ class TrainConfig:
     """Held-out scenes of each set (own seed) for the accuracies in the config file."""
     seed: int = 0
     """Offsets every world seed and the augmentation generator."""
+    init: str | None = None
+    """Start from these weights (`.safetensors` with its `.json`) instead of from scratch (a fine-tune)."""
     architecture: EvaluatorConfig = field(default_factory=EvaluatorConfig)
 
 
@@ -181,6 +183,10 @@ def train(config: TrainConfig, cache_dir: Path | None = None) -> tuple[Evaluator
     rendered = time.time()
 
     evaluator = Evaluator(config.architecture)
+    if config.init:
+        from csd.toy.evaluator import load_evaluator
+
+        evaluator.load_state_dict(load_evaluator(config.init).state_dict())
     optimizer = torch.optim.AdamW(evaluator.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, config.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -281,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--other-max-iou", type=float, default=defaults.other_max_iou, help="redraw non-primitive views more primitive-like than this (silhouette IoU); negative keeps all")
     parser.add_argument("--validation", type=int, default=defaults.validation, help="held-out scenes per set")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--init", default=None, help="fine-tune these weights (.safetensors) instead of training from scratch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the default leaves the other cores alone)")
     parser.add_argument("--out", type=Path, default=EVALUATOR_WEIGHTS)
     parser.add_argument("--cache-dir", type=Path, default=Path(".checkpoints/toy-evaluator"), help="keeps the rendered pools between runs")
@@ -290,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainConfig(
         steps=args.steps, batch=args.batch, lr=args.lr, pool=args.pool, other_pool=args.other_pool, other_share=args.other_share,
         other_max_iou=None if args.other_max_iou is not None and args.other_max_iou < 0 else args.other_max_iou,
-        validation=args.validation, seed=args.seed,
+        validation=args.validation, seed=args.seed, init=args.init,
     )
     evaluator, record = train(config, args.cache_dir)
     command = "python tools/toy/train_evaluator.py " + " ".join(sys.argv[1:] if argv is None else argv)
