@@ -7,7 +7,8 @@ renders of `csd.toy.world` drawn from its own seeds, and never on pipeline outpu
 It is open-set (issue 13): besides the world's four shapes its shape head has an `other` class,
 trained on renders of non-primitives (`csd.toy.world.sample_other_scenes`: stretched and deformed
 primitives, unions and differences of two, horns, bumps, blobs, two objects side by side), so a
-vase with a horn is not "a cube". A prediction of `other` is a wrong shape for every prompt.
+vase with a horn is not "a cube". Only views that do not look like a primitive are `other` examples
+(`OTHER_MAX_IOU`). A prediction of `other` is a wrong shape for every prompt.
 
 Score-distilled images do not look like the world's renders: their backgrounds are tinted and
 often saturated, their edges blurry or noisy. An evaluator trained only on the world's light
@@ -16,7 +17,7 @@ the object over tinted, gradient and blotchy backgrounds (some in the very colou
 classes) and adds blur, noise, crops, scaling and colour jitter. Both heads pool the feature map
 with a learned spatial attention, so colour is read where the object is, not from the corners.
 
-Training lives outside the package (seeded, about ten minutes on one core)::
+Training lives outside the package (seeded; see `evaluator.json` for the commands and wall times)::
 
     python tools/toy/train_evaluator.py
 
