@@ -314,6 +314,10 @@ def load_prior(config: ModelConfig = ModelConfig()) -> DiffusionPrior:
     max_length = config.max_length or min(int(getattr(tokenizer, "model_max_length", 77)), 512)
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     identity = f"{config.model}@{config.revision or ''}:{_fingerprint(path)}"
+    if path.resolve() == TOY_PRIOR.resolve():  # prompts as people write them (issue 18; toy prior only)
+        from csd.toy.model import PROMPT_NORMALISATION, CanonicalPromptTokenizer
+
+        tokenizer, identity = CanonicalPromptTokenizer(tokenizer), f"{identity}:{PROMPT_NORMALISATION}"
     log.info("loaded %s prior %s (%s, %s) from %s", "latent" if vae is not None else "pixel", config.model, device, dtype, path)
     return DiffusionPrior(
         # the text encoder loads on first use: a stage whose prompts are all in the embedding cache

@@ -6,6 +6,9 @@
 - `model_fingerprint(ModelConfig)`: the prior's weights without loading them (planning happens
   before any model loads): the snapshot commit for a model in the Hugging Face cache, or a content
   hash of the files `load_prior` reads for a local folder or a shipped short name (`toy`).
+- `evaluator_fingerprint()`: the shipped toy evaluator's weights and config, for stages that judge
+  their output with it (a config field `scorer` or `evaluator` set to `toy`): retrained weights
+  re-score those stages.
 
 Both hash file bytes; each file's digest is cached by (path, size, mtime), in memory and in
 `$CSD_ASSET_CACHE/file-digests.json`, so a multi-GB local model is read once, not at every plan.
@@ -230,8 +233,26 @@ def model_fingerprint(config: ModelConfig) -> str:
     return f"hub:{commit}"
 
 
+EVALUATOR_FIELDS = ("scorer", "evaluator")
+"""Config fields that name the judge of a stage's output; the value `toy` is the shipped toy evaluator."""
+
+
+def evaluator_fingerprint() -> str:
+    """`sha256:<digest>` of the toy evaluator's files (`csd/toy/evaluator.safetensors` and its `.json`),
+    without loading it; `missing` when they are not there (the stage's own check reports that)."""
+    weights = PROJECT_ROOT / "csd" / "toy" / "evaluator.safetensors"
+    files = [weights, weights.with_suffix(".json")]
+    if not all(f.is_file() for f in files):
+        return "missing"
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\0{file_digest(file)}\n".encode())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
 def weights_fingerprints(config: Any) -> dict[str, str]:
-    """`{field path: model_fingerprint}` for every `ModelConfig` inside the config dataclass `config`."""
+    """`{field path: fingerprint}` for every `ModelConfig` inside the config dataclass `config`
+    (`model_fingerprint`) and every judge field (`EVALUATOR_FIELDS`) set to `toy` (`evaluator_fingerprint`)."""
     found: dict[str, str] = {}
 
     def visit(value: Any, where: str) -> None:
@@ -239,7 +260,11 @@ def weights_fingerprints(config: Any) -> dict[str, str]:
             found[where] = model_fingerprint(value)
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             for f in dataclasses.fields(value):
-                visit(getattr(value, f.name), f"{where}.{f.name}" if where else f.name)
+                path = f"{where}.{f.name}" if where else f.name
+                if f.name in EVALUATOR_FIELDS and getattr(value, f.name) == "toy":
+                    found[path] = f"toy-evaluator:{evaluator_fingerprint()}"
+                else:
+                    visit(getattr(value, f.name), path)
 
     visit(config, "")
     return found

@@ -7,7 +7,8 @@ renders of `csd.toy.world` drawn from its own seeds, and never on pipeline outpu
 It is open-set (issue 13): besides the world's four shapes its shape head has an `other` class,
 trained on renders of non-primitives (`csd.toy.world.sample_other_scenes`: stretched and deformed
 primitives, unions and differences of two, horns, bumps, blobs, two objects side by side), so a
-vase with a horn is not "a cube". A prediction of `other` is a wrong shape for every prompt.
+vase with a horn is not "a cube". Only views that do not look like a primitive are `other` examples
+(`OTHER_MAX_IOU`). A prediction of `other` is a wrong shape for every prompt.
 
 Score-distilled images do not look like the world's renders: their backgrounds are tinted and
 often saturated, their edges blurry or noisy. An evaluator trained only on the world's light
@@ -16,7 +17,7 @@ the object over tinted, gradient and blotchy backgrounds (some in the very colou
 classes) and adds blur, noise, crops, scaling and colour jitter. Both heads pool the feature map
 with a learned spatial attention, so colour is read where the object is, not from the corners.
 
-Training lives outside the package (seeded, about ten minutes on one core)::
+Training lives outside the package (seeded; see `evaluator.json` for the commands and wall times)::
 
     python tools/toy/train_evaluator.py
 
@@ -26,6 +27,7 @@ command and config, wall time and held-out accuracies: plain, tinted and other).
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ from csd.toy.world import (
     SHAPES,
     WorldConfig,
     degrade,
+    primitive_silhouette_iou,
     render_layers,
     sample_other_scenes,
     sample_scenes,
@@ -60,6 +63,9 @@ REPORT_SEED = 2_000_000_000
 """Seed of the report's accuracy renders (not seen by the evaluator's training)."""
 OTHER_SEED_OFFSET = 250_000_000
 """Added to a seed for the non-primitive renders drawn next to the primitives of that seed."""
+OTHER_MAX_IOU = 0.85
+"""An `other` view is kept only when its silhouette's IoU with the best-fitting primitive is at most
+this (true primitives score 0.94 or more in 95 % of views; see `primitive_silhouette_iou`)."""
 OTHER = "other"
 """The shape class of everything that is none of the world's shapes; never a prompt's shape."""
 
@@ -271,19 +277,37 @@ class Layers:
 
 
 def render_objects(
-    n: int, seed: int, config: WorldConfig = WorldConfig(), chunk: int = 512, progress: bool = False, other: bool = False
+    n: int,
+    seed: int,
+    config: WorldConfig = WorldConfig(),
+    chunk: int = 512,
+    progress: bool = False,
+    other: bool = False,
+    max_iou: float | None = OTHER_MAX_IOU,
 ) -> Layers:
     """`n` fresh scenes of the world (its scene and camera distributions), rendered as layers; deterministic
-    per seed. With `other`, non-primitive scenes (`sample_other_scenes`), all labelled `other`."""
-    parts = []
-    for index, start in enumerate(tqdm(range(0, n, chunk), desc="rendering others" if other else "rendering", disable=not progress)):
+    per seed. With `other`, non-primitive scenes (`sample_other_scenes`), all labelled `other`; of those,
+    views whose silhouette matches a primitive's better than `max_iou` (`primitive_silhouette_iou`) are
+    dropped and more are drawn, so every `other` image shows a non-primitive (None keeps them all)."""
+    parts, kept = [], 0
+    bar = tqdm(total=n, desc="rendering others" if other else "rendering", disable=not progress)
+    for index in itertools.count():
+        if kept >= n:
+            break
         generator = torch.Generator().manual_seed(seed + index)
-        count = min(chunk, n - start)
+        count = min(chunk, n - kept) if not other or max_iou is None else chunk
         scenes = (sample_other_scenes if other else sample_scenes)(count, config, generator)
         cameras = sample_cameras(count, config.cameras, generator)
         colour, alpha = render_layers(scenes, cameras, config)
         shape = torch.full((count,), len(SHAPES)) if other else scenes.shape
-        parts.append(Layers(colour, alpha, scenes.background, scenes.colour, shape))
+        layers = Layers(colour, alpha, scenes.background, scenes.colour, shape)
+        if other and max_iou is not None:
+            keep = (primitive_silhouette_iou(scenes, cameras, config, alpha) <= max_iou).nonzero().flatten()[: n - kept]
+            layers = Layers(*(getattr(layers, f)[keep] for f in Layers.__dataclass_fields__))
+        parts.append(layers)
+        kept += len(layers.shape_label)
+        bar.update(len(layers.shape_label))
+    bar.close()
     return Layers(*(torch.cat([getattr(p, f) for p in parts]) for f in Layers.__dataclass_fields__))
 
 
@@ -312,11 +336,13 @@ class HeldOutImages:
 
 
 def held_out_images(
-    n: int, seed: int = REPORT_SEED, config: WorldConfig = WorldConfig(), progress: bool = False, other: bool = False
+    n: int, seed: int = REPORT_SEED, config: WorldConfig = WorldConfig(), progress: bool = False, other: bool = False,
+    max_iou: float | None = OTHER_MAX_IOU,
 ) -> HeldOutImages:
     """Held-out renders for measuring the evaluator: solid backgrounds only, no augmentation. With
-    `other`, non-primitives (from `seed + OTHER_SEED_OFFSET`, so they differ from the primitives' scenes)."""
-    layers = render_objects(n, seed + OTHER_SEED_OFFSET if other else seed, config, progress=progress, other=other)
+    `other`, non-primitives (from `seed + OTHER_SEED_OFFSET`, so they differ from the primitives' scenes),
+    by default only views that do not look like a primitive (`render_objects`' `max_iou`)."""
+    layers = render_objects(n, seed + OTHER_SEED_OFFSET if other else seed, config, progress=progress, other=other, max_iou=max_iou)
     generator = torch.Generator().manual_seed(seed - 1)
     quality = torch.where(
         torch.rand(n, generator=generator) < config.degraded_prob,

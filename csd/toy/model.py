@@ -1,7 +1,9 @@
 """Components of the toy prior: a word-level tokenizer, a tiny CLIP text encoder, a small UNet.
 
 All three are stock `transformers` / `diffusers` classes saved in the diffusers layout, so the
-prior is loaded by exactly the code that loads Stable Diffusion or DeepFloyd IF.
+prior is loaded by exactly the code that loads Stable Diffusion or DeepFloyd IF. Only one thing is
+added at load time: `CanonicalPromptTokenizer`, which rewrites prompts as people write them ("An
+orange cube.") into the captions the prior was trained on ("a orange cube") before tokenising.
 """
 
 from __future__ import annotations
@@ -9,7 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from csd.toy.world import vocabulary
+from csd.toy.world import canonical_prompt, vocabulary
+
+PROMPT_NORMALISATION = "canonical-prompt-1"
+"""Names `canonical_prompt`'s rules in the toy prior's identity (so the embedding cache, keyed by the
+raw text, never serves an embedding made before or under other rules)."""
 
 MAX_LENGTH = 16
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
@@ -100,3 +106,24 @@ def save_pipeline(directory: Path, unet, text_encoder, tokenizer, scheduler) -> 
         "scheduler": ["diffusers", type(scheduler).__name__],
     }
     (directory / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+class CanonicalPromptTokenizer:
+    """The toy prior's tokenizer behind `csd.toy.world.canonical_prompt`: articles, capitals, light
+    punctuation and word order as people write them mean what they say (issue 18).
+
+    The prior's vocabulary is the captions' words; "an" or "cube." would be `[UNK]` and "a cube, red"
+    a word order it never saw. Normalising here, rather than training those forms in, keeps the
+    shipped weights (and the stage identities that hash them) unchanged. Every other attribute is
+    the wrapped tokenizer's.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text, *args, **kwargs):
+        texts = canonical_prompt(text) if isinstance(text, str) else [canonical_prompt(t) for t in text]
+        return self.tokenizer(texts, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)

@@ -10,7 +10,8 @@ prompt means something to the toy prior.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -241,6 +242,33 @@ def vocabulary() -> list[str]:
     return words
 
 
+ARTICLES = ("a", "an", "the")
+"""Articles a person may write; the world's captions have only "a"."""
+
+
+def canonical_prompt(prompt: str) -> str:
+    """A prompt as people write it → the world's caption grammar, for the toy prior (issue 18).
+
+    Lower case; `.`, `!`, `?`, `;`, quotes and other punctuation dropped except the commas that
+    separate clauses; "an" and "the" → "a". When the prompt names one colour and one shape and the
+    clauses naming them hold nothing else (articles aside), they become the caption's head
+    "a {colour} {shape}", followed by the other clauses in their order: "An orange cube." → "a orange
+    cube", "a cube, red" → "a red cube", "Red cube, front view" → "a red cube, front view". Anything
+    else keeps its words and order ("a shiny red cube": "shiny" stays a word the prior does not know,
+    as before). Canonical captions (`caption`) and the empty prompt come back unchanged.
+    """
+    clauses = [re.findall(r"[a-z0-9]+", clause) for clause in re.split(r"[,;]", prompt.lower())]
+    clauses = [["a" if w in ARTICLES else w for w in words] for words in clauses if words]
+    named = [w for clause in clauses for w in clause if w in COLOURS or w in SHAPES]
+    naming = [i for i, clause in enumerate(clauses) if any(w in COLOURS or w in SHAPES for w in clause)]
+    plain = all(w == "a" or w in COLOURS or w in SHAPES for i in naming for w in clauses[i])
+    colours, shapes = [w for w in named if w in COLOURS], [w for w in named if w in SHAPES]
+    if plain and len(colours) == 1 and len(shapes) == 1:
+        rest = [clause for i, clause in enumerate(clauses) if i not in naming]
+        clauses = [["a", colours[0], shapes[0]]] + rest
+    return ", ".join(" ".join(clause) for clause in clauses)
+
+
 # --- non-primitives: what the world's objects are not ----------------------------------------------
 #
 # The toy evaluator must be able to say "none of the world's shapes" (issue 13): it is trained with an
@@ -413,7 +441,7 @@ def sample_other_scenes(n: int, config: WorldConfig, generator: torch.Generator)
         base=base, kind=kind, centre=zeros3.clone(), stretch=torch.ones(n, 3), taper=torch.zeros(n), twist=torch.zeros(n),
         second_mode=torch.zeros(n, dtype=torch.long), second_shape=torch.randint(len(SHAPES), (n,), generator=generator),
         second_radius=u(0.25, 0.4), second_yaw=u(0, torch.pi / 2), second_centre=zeros3.clone(),
-        horn_base=torch.zeros(n, _HORNS, 3), horn_tip=torch.ones(n, _HORNS, 3), horn_radius=u(0.08, 0.14, n, _HORNS),
+        horn_base=torch.zeros(n, _HORNS, 3), horn_tip=torch.ones(n, _HORNS, 3), horn_radius=u(0.1, 0.16, n, _HORNS),
         horn_on=torch.zeros(n, _HORNS, dtype=torch.bool), blob_centre=torch.zeros(n, _BLOBS, 3),
         blob_radius=torch.ones(n, _BLOBS), blob_on=torch.zeros(n, _BLOBS, dtype=torch.bool),
         blobs_only=torch.zeros(n, dtype=torch.bool), wave_frequency=torch.zeros(n, _WAVES, 3),
@@ -445,14 +473,14 @@ def sample_other_scenes(n: int, config: WorldConfig, generator: torch.Generator)
     # union: a second, smaller primitive centred on the first's surface; difference: a bite out of it
     # from above or the side (the cameras look from -10° to 45° elevation, so the bite shows)
     direction = _directions(n, generator, (0.0, 60.0))[:, 0]
-    bite = _directions(n, generator, (15.0, 75.0))[:, 0]
+    bite = _directions(n, generator, (0.0, 60.0))[:, 0]
     direction = torch.where(is_["difference"][:, None], bite, direction)
     surface = _outer_surface(scenes, direction[:, None])[:, 0]
     combined = is_["union"] | is_["difference"]
     scenes.second_mode[is_["union"]] = 1
     scenes.second_mode[is_["difference"]] = 2
     scenes.second_shape[:] = torch.where(is_["difference"], torch.randint(2, (n,), generator=generator), scenes.second_shape)
-    scenes.second_radius[:] = torch.where(is_["difference"], u(0.3, 0.45) * base.radius / 0.5, scenes.second_radius)
+    scenes.second_radius[:] = torch.where(is_["difference"], u(0.4, 0.6) * base.radius / 0.5, scenes.second_radius)
     scenes.second_centre[combined] = (direction * surface[:, None])[combined]
     # pair: two small primitives side by side (a gap of 0.05–0.2), one a little higher than the other
     side = _directions(n, generator, (-10.0, 10.0))[:, 0]
@@ -464,16 +492,16 @@ def sample_other_scenes(n: int, config: WorldConfig, generator: torch.Generator)
     scenes.second_centre[pair] = (side * half[:, None] - torch.stack([zeros3[:, 0], zeros3[:, 1], lift], -1))[pair]
     scenes.second_mode[pair] = 1
 
-    # horns: one or two tapered capsules out of the side, 0.25–0.45 long, tips inside BOUND
+    # horns: one or two tapered capsules out of the side, 0.3–0.5 long, tips inside BOUND
     horns = _directions(n, generator, (-10.0, 40.0), _HORNS)
     surface = _outer_surface(scenes, horns)
-    length = u(0.25, 0.45, n, _HORNS)
+    length = u(0.3, 0.5, n, _HORNS)
     scenes.horn_base[:] = horns * (0.8 * surface)[..., None]
     scenes.horn_tip[:] = horns * (surface + length).clamp(max=0.95 * BOUND)[..., None]
     scenes.horn_on[:] = is_["horns"][:, None] & torch.tensor([True, False]) | (
         is_["horns"][:, None] & (torch.rand(n, _HORNS, generator=generator) < 0.5)
     )
-    # bumps: 2–4 balls of radius 0.12–0.2 on the surface; blobby: 3–4 metaballs, or a sphere under waves
+    # bumps: 2–4 balls of radius 0.15–0.24 on the surface; blobby: 3–4 metaballs, or a sphere under waves
     spots = _directions(n, generator, (-10.0, 70.0), _BLOBS)
     surface = _outer_surface(scenes, spots)
     count = torch.randint(2, _BLOBS + 1, (n, 1), generator=generator)
@@ -482,7 +510,7 @@ def sample_other_scenes(n: int, config: WorldConfig, generator: torch.Generator)
     balls = metaball[:, None] & (torch.arange(_BLOBS) < count.clamp(min=3))
     inner = _directions(n, generator, (-60.0, 60.0), _BLOBS) * u(0.15, 0.4, n, _BLOBS)[..., None]
     scenes.blob_centre[:] = torch.where(balls[..., None], inner, spots * surface[..., None])
-    scenes.blob_radius[:] = torch.where(balls, u(0.2, 0.32, n, _BLOBS), u(0.12, 0.2, n, _BLOBS))
+    scenes.blob_radius[:] = torch.where(balls, u(0.2, 0.32, n, _BLOBS), u(0.15, 0.24, n, _BLOBS))
     scenes.blob_on[:] = bumps | balls
     scenes.blobs_only[:] = metaball
     waves = is_["blobby"] & ~metaball
@@ -495,3 +523,83 @@ def sample_other_scenes(n: int, config: WorldConfig, generator: torch.Generator)
     gain = (amplitude * frequency.norm(dim=-1)).sum(-1)
     scenes.lipschitz[:] = torch.where(waves, 1 / (1 + gain), scenes.lipschitz)
     return scenes
+
+
+def vase_with_horn(n: int) -> tuple[OtherScenes, WorldConfig]:
+    """The demo's failure by hand: a red cube stretched upright ×1.7 with one horn out of its side."""
+    config = WorldConfig()
+    scenes = sample_other_scenes(n, config, torch.Generator().manual_seed(11))
+    base = replace(
+        scenes.base,
+        shape=torch.full((n,), SHAPES.index("cube")),
+        colour=torch.full((n,), COLOUR_NAMES.index("red")),
+        radius=torch.full((n,), 0.42),
+        yaw=torch.zeros(n),
+        albedo=torch.tensor([COLOURS["red"]]).expand(n, 3),
+        background=torch.full((n, 3), 0.85),
+        ambient=torch.full((n,), 0.4),
+    )
+    stretch = torch.ones(n, 3)
+    stretch[:, 2] = 1.7
+    vase = replace(
+        scenes,
+        base=base, kind=torch.full((n,), OTHER_KINDS.index("horns")), centre=torch.zeros(n, 3), stretch=stretch,
+        taper=torch.zeros(n), twist=torch.zeros(n), second_mode=torch.zeros(n, dtype=torch.long),
+        blob_on=torch.zeros_like(scenes.blob_on), blobs_only=torch.zeros(n, dtype=torch.bool),
+        wave_amplitude=torch.zeros_like(scenes.wave_amplitude), lipschitz=torch.ones(n),
+    )
+    direction = torch.tensor([[0.0, 1.0, 0.2]]).expand(n, 3)
+    direction = (direction / direction.norm(dim=-1, keepdim=True))[:, None].repeat(1, 2, 1)
+    surface = _outer_surface(vase, direction)
+    horn_on = torch.zeros_like(scenes.horn_on)
+    horn_on[:, 0] = True
+    return replace(
+        vase, horn_on=horn_on, horn_base=direction * (0.8 * surface)[..., None],
+        horn_tip=direction * (surface + 0.4)[..., None], horn_radius=torch.full((n, 2), 0.12),
+    ), config
+
+
+# --- is a non-primitive one in the image? ---------------------------------------------------------------
+
+
+def primitive_silhouette_iou(scenes: OtherScenes, cameras: Cameras, config: WorldConfig, alpha: Tensor | None = None) -> Tensor:
+    """`(B,)` best silhouette IoU, per view, of each non-primitive with any of the world's primitives.
+
+    Judged from the image alone: the object's coverage `alpha` (`render_layers`; rendered when not
+    given) thresholded at one half, against the hit mask of each primitive (sphere, cube at the base's
+    yaw and at 45° from it, cone, torus) seen by the same camera, its radius fitted to the object's
+    area and its mask moved to the object's centroid. A non-primitive that scores high here looks like
+    a primitive from that camera (a bite on the far side, a stretch along the view axis, a horn behind
+    the body) and is no honest example of `other`.
+    """
+    if alpha is None:
+        alpha = render_layers(scenes, cameras, config)[1]
+    mask = alpha[:, 0] > 0.5  # (B, R, R)
+    n, size = mask.shape[0], mask.shape[-1]
+    flat = replace(config, supersample=1)
+    base = scenes.base
+    coords = torch.arange(size, dtype=torch.float32)
+
+    def centroid(m: Tensor) -> Tensor:
+        area = m.float().sum((1, 2)).clamp(min=1)
+        return torch.stack([(m * coords[:, None]).sum((1, 2)) / area, (m * coords[None, :]).sum((1, 2)) / area], -1)
+
+    def primitive_mask(shape: int, radius: Tensor, yaw: Tensor) -> Tensor:
+        prim = Scenes(torch.full((n,), shape), base.colour, radius, yaw, base.albedo, base.background, base.ambient)
+        return _trace(prim, cameras, flat)[1].reshape(n, size, size)
+
+    target_area = mask.float().sum((1, 2))
+    target_centre = centroid(mask)
+    best = torch.zeros(n)
+    candidates = [(0, base.yaw), (1, base.yaw), (1, base.yaw + torch.pi / 4), (2, base.yaw), (3, base.yaw)]
+    for shape, yaw in candidates:
+        radius = torch.full((n,), 0.55)
+        # fit the radius to the object's area (area ~ radius²)
+        area = primitive_mask(shape, radius, yaw).float().sum((1, 2)).clamp(min=1)
+        radius = (radius * (target_area / area).sqrt()).clamp(0.15, BOUND)
+        prim = primitive_mask(shape, radius, yaw)
+        shift = (target_centre - centroid(prim)).round().long()
+        moved = torch.stack([torch.roll(p, (int(dy), int(dx)), (0, 1)) for p, (dy, dx) in zip(prim, shift.tolist())])
+        iou = (moved & mask).float().sum((1, 2)) / (moved | mask).float().sum((1, 2)).clamp(min=1)
+        best = torch.maximum(best, iou)
+    return best

@@ -143,3 +143,53 @@ def test_shipped_prior_loads_offline_and_guides(monkeypatch, tmp_path):
     out.loss.backward()
     assert math.isfinite(out.loss.item()) and out.grad_norm > 0
     assert torch.isfinite(image.grad).all() and image.grad.abs().sum() > 0
+
+
+# --- prompts as people write them (issue 18) ------------------------------------------------------
+
+PEOPLE_PROMPTS = {
+    "a orange cube": ["An orange cube.", "an orange cube", "The orange cube!", "Orange cube", "a cube, orange", "a cube, Orange."],
+    "a red cube": ["A red cube.", "a cube, red", "A RED CUBE", "red cube;", "the Red Cube?"],
+    "a blue torus, side view": ["A blue torus., side view", "the torus, blue, side view", "Blue Torus, Side View."],
+}
+
+
+@pytest.mark.parametrize("canonical", sorted(PEOPLE_PROMPTS))
+def test_prompts_as_people_write_them_mean_the_caption(canonical):
+    from csd.toy.world import canonical_prompt
+
+    for prompt in PEOPLE_PROMPTS[canonical]:
+        assert canonical_prompt(prompt) == canonical, prompt
+        assert parse_prompt(prompt) == parse_prompt(canonical), prompt  # the ground truth's parser agrees
+
+
+def test_canonical_prompt_keeps_every_training_caption_and_unknown_words():
+    from csd.toy.world import canonical_prompt
+
+    captions = sample_batch(256, seed=UNSEEN_SEED).captions
+    assert "" in captions and any("low quality" in c for c in captions)
+    assert all(canonical_prompt(c) == c for c in captions)  # what the prior was trained on is left alone
+    assert canonical_prompt("noisy, blurry, oversaturated color, low quality") == "noisy, blurry, oversaturated color, low quality"
+    # unknown words stay words (the tokenizer maps them to [UNK] as before), in their place
+    assert canonical_prompt("A shiny red cube.") == "a shiny red cube"
+    assert canonical_prompt("a red cube and a blue sphere") == "a red cube and a blue sphere"
+
+
+@pytest.mark.skipif(not (TOY_PRIOR / "model_index.json").exists(), reason="the toy prior is not exported yet")
+def test_toy_prior_embeds_people_prompts_as_the_caption(tmp_path):
+    from csd.prompts import TextEmbeddingCache
+
+    prior = load_prior(ModelConfig(model="toy"))
+    raw = build_tokenizer()  # the shipped tokenizer's rules, without normalisation
+    for canonical, prompts in PEOPLE_PROMPTS.items():
+        ids = prior.tokenizer([canonical, *prompts], padding="max_length", max_length=prior.max_length).input_ids
+        assert all(i == ids[0] for i in ids[1:]), canonical
+        assert raw.unk_token_id not in ids[0]
+        assert raw("An orange cube.").input_ids.count(raw.unk_token_id) == 2  # "an" and "." without normalisation
+    embeddings = TextEmbeddingCache(prior, tmp_path).get(["a orange cube", "An orange cube.", "a cube, orange", "a red cube"])
+    assert torch.equal(embeddings[0], embeddings[1]) and torch.equal(embeddings[0], embeddings[2])
+    assert (embeddings[0] - embeddings[3]).abs().max() > 1e-3
+    # an unknown word behaves as before: the same ids as the raw tokenizer gives, [UNK] in its place
+    shiny = prior.tokenizer("a shiny red cube").input_ids
+    assert shiny == raw("a shiny red cube").input_ids and shiny[2] == raw.unk_token_id
+    assert prior.identity.endswith(":canonical-prompt-1")

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from csd.toy.evaluator import (
     EVALUATOR_WEIGHTS,
+    OTHER_MAX_IOU,
     OTHER_SEED_OFFSET,
     TRAIN_SEED,
     VALIDATION_SEED,
@@ -133,10 +134,15 @@ class TrainConfig:
     other_share: float | None = None
     """Share of each batch drawn from the non-primitives; None: uniform over both pools (a third here,
     the shipped weights). 0.5 was tried: primitives fell to 94.5 % shape, non-primitives rose only to 71 %."""
+    other_max_iou: float | None = OTHER_MAX_IOU
+    """Non-primitive views whose silhouette IoU with the best-fitting primitive exceeds this are
+    redrawn (`csd.toy.world.primitive_silhouette_iou`), in training and validation alike; None keeps all."""
     validation: int = 1024
     """Held-out scenes of each set (own seed) for the accuracies in the config file."""
     seed: int = 0
     """Offsets every world seed and the augmentation generator."""
+    init: str | None = None
+    """Start from these weights (`.safetensors` with its `.json`) instead of from scratch (a fine-tune)."""
     architecture: EvaluatorConfig = field(default_factory=EvaluatorConfig)
 
 
@@ -144,17 +150,24 @@ def _cat(a: Layers, b: Layers) -> Layers:
     return Layers(*(torch.cat([getattr(a, f), getattr(b, f)]) for f in Layers.__dataclass_fields__))
 
 
-def _pool(n: int, seed: int, other: bool, cache_dir: Path | None) -> Layers:
+def _pool(n: int, seed: int, other: bool, cache_dir: Path | None, max_iou: float | None = None) -> Layers:
     """Rendered layers, from `cache_dir` when an earlier run rendered the same ones."""
-    name = f"{'other' if other else 'pool'}-{seed}-{n}.pt"
+    name = f"other-{seed}-{n}-iou{max_iou}.pt" if other else f"pool-{seed}-{n}.pt"
     cache = cache_dir / name if cache_dir is not None else None
     if cache is not None and cache.exists():
         return Layers(**torch.load(cache))
-    layers = render_objects(n, seed, progress=True, other=other)
+    layers = render_objects(n, seed, progress=True, other=other, max_iou=max_iou)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(lambda tmp: torch.save(asdict(layers), tmp), cache)
     return layers
+
+
+def _config_key(config: TrainConfig) -> str:
+    """A short hash of the training config (checkpoints of another config are not resumed)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def train(config: TrainConfig, cache_dir: Path | None = None) -> tuple[Evaluator, dict]:
@@ -164,20 +177,34 @@ def train(config: TrainConfig, cache_dir: Path | None = None) -> tuple[Evaluator
     seed = TRAIN_SEED + 1000 * config.seed
     layers = _pool(config.pool, seed, False, cache_dir)
     if config.other_pool:
-        layers = _cat(layers, _pool(config.other_pool, seed + OTHER_SEED_OFFSET, True, cache_dir))
+        layers = _cat(layers, _pool(config.other_pool, seed + OTHER_SEED_OFFSET, True, cache_dir, config.other_max_iou))
     primitives = config.pool
     rendered = time.time()
 
     evaluator = Evaluator(config.architecture)
+    if config.init:
+        from csd.toy.evaluator import load_evaluator
+
+        evaluator.load_state_dict(load_evaluator(config.init).state_dict())
     optimizer = torch.optim.AdamW(evaluator.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, config.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, config.steps - warmup)))
     )
     generator = torch.Generator().manual_seed(config.seed + 1)
+    running, start = None, 0
+    # resume: a checkpoint of this very config (model, optimiser, schedule, data generator) every 250 steps
+    checkpoint = cache_dir / f"train-{_config_key(config)}.pt" if cache_dir is not None else None
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint)
+        evaluator.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        running, start = state["running"], state["step"]
+        log.info("resuming from %s at step %d", checkpoint, start)
     evaluator.train()
-    progress = tqdm(range(config.steps), desc="evaluator", mininterval=2)
-    running = None
+    progress = tqdm(range(start, config.steps), desc="evaluator", mininterval=2, initial=start, total=config.steps)
     for step in progress:
         if config.other_share is None or not config.other_pool:
             index = torch.randint(len(layers.shape_label), (config.batch,), generator=generator)
@@ -199,6 +226,13 @@ def train(config: TrainConfig, cache_dir: Path | None = None) -> tuple[Evaluator
         running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
         if step % 50 == 0:
             progress.set_postfix(loss=f"{running:.3f}")
+        if checkpoint is not None and (step + 1) % 250 == 0 and step + 1 < config.steps:
+            state = {
+                "model": evaluator.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "generator": generator.get_state(), "running": running, "step": step + 1,
+            }
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
     evaluator.eval().requires_grad_(False)
     trained = time.time()
 
@@ -206,9 +240,12 @@ def train(config: TrainConfig, cache_dir: Path | None = None) -> tuple[Evaluator
     held_out = held_out_images(config.validation, VALIDATION_SEED + 1000 * config.seed)
     validation["plain"] = asdict(accuracy(evaluator, held_out.plain, held_out.colour_label, held_out.shape_label))
     validation["tinted"] = asdict(accuracy(evaluator, held_out.tinted, held_out.colour_label, held_out.shape_label))
-    others = held_out_images(config.validation, VALIDATION_SEED + 1000 * config.seed, other=True)
+    others = held_out_images(config.validation, VALIDATION_SEED + 1000 * config.seed, other=True, max_iou=config.other_max_iou)
     validation["other plain"] = asdict(accuracy(evaluator, others.plain, others.colour_label, others.shape_label))
     validation["other tinted"] = asdict(accuracy(evaluator, others.tinted, others.colour_label, others.shape_label))
+    if config.other_max_iou is not None:  # for comparison: every view, also those that look like a primitive
+        everything = held_out_images(config.validation, VALIDATION_SEED + 1000 * config.seed, other=True, max_iou=None)
+        validation["other plain, all views"] = asdict(accuracy(evaluator, everything.plain, everything.colour_label, everything.shape_label))
     validated = time.time()
     record = {
         "validation": validation,
@@ -244,8 +281,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", type=int, default=defaults.pool, help="rendered primitive scenes to augment")
     parser.add_argument("--other-pool", type=int, default=defaults.other_pool, help="rendered non-primitive scenes (class `other`)")
     parser.add_argument("--other-share", type=float, default=defaults.other_share, help="share of each batch from the non-primitives")
+    parser.add_argument("--other-max-iou", type=float, default=defaults.other_max_iou, help="redraw non-primitive views more primitive-like than this (silhouette IoU); negative keeps all")
     parser.add_argument("--validation", type=int, default=defaults.validation, help="held-out scenes per set")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--init", default=None, help="fine-tune these weights (.safetensors) instead of training from scratch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the default leaves the other cores alone)")
     parser.add_argument("--out", type=Path, default=EVALUATOR_WEIGHTS)
     parser.add_argument("--cache-dir", type=Path, default=Path(".checkpoints/toy-evaluator"), help="keeps the rendered pools between runs")
@@ -254,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     config = TrainConfig(
         steps=args.steps, batch=args.batch, lr=args.lr, pool=args.pool, other_pool=args.other_pool, other_share=args.other_share,
-        validation=args.validation, seed=args.seed,
+        other_max_iou=None if args.other_max_iou is not None and args.other_max_iou < 0 else args.other_max_iou,
+        validation=args.validation, seed=args.seed, init=args.init,
     )
     evaluator, record = train(config, args.cache_dir)
     command = "python tools/toy/train_evaluator.py " + " ".join(sys.argv[1:] if argv is None else argv)
