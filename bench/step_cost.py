@@ -147,8 +147,9 @@ def measure(stage: str, config, out: Path, inputs: dict[str, Path], warmup: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="toy-cpu")
-    parser.add_argument("--nerf-steps", type=int, default=200, help="covers the albedo-only phase and the shaded one")
-    parser.add_argument("--texture-steps", type=int, default=60)
+    parser.add_argument("--nerf-steps", type=int, default=100,
+                        help="the preset's albedo-only phase is scaled to the same share of these steps")
+    parser.add_argument("--texture-steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the means")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--texture-input", type=Path, help="a uv stage directory (default: a grey 5120-face icosphere)")
@@ -168,8 +169,12 @@ def main() -> None:
         overrides[stage][field] = yaml.safe_load(value)
     root = Path(tempfile.mkdtemp(prefix="csd-step-cost-"))
     texture_input = args.texture_input or grey_icosphere(root / "uv")
+    # the preset's share of albedo-only steps, so a short run mixes shading modes as a full one does
+    nerf_preset = preset.get("nerf", {})
+    ambient = round(args.nerf_steps * nerf_preset.get("ambient_only_steps", 0) / nerf_preset.get("steps", args.nerf_steps))
     runs = {
-        "nerf": (NerfConfig, {"prompt": "a red cube", "seed": 0, "steps": args.nerf_steps, "preview_views": 4}, {}),
+        "nerf": (NerfConfig, {"prompt": "a red cube", "seed": 0, "steps": args.nerf_steps, "preview_views": 4,
+                              "ambient_only_steps": ambient}, {}),
         "texture": (TextureConfig, {"prompt": "a blue sphere", "seed": 1, "steps": args.texture_steps, "preview_views": 4,
                                     "evaluator": "none"}, {"uv": texture_input}),
     }

@@ -109,18 +109,31 @@ class HashGridEncoding(nn.Module):
     def _hashed_lookup(x: Tensor, resolution: int, table: Tensor) -> Tensor:
         """Trilinear interpolation of the 8 hashed cell corners, all corners in one gather.
 
-        Corner `o` (0…7) is offset by the bits of `o` (x, y, z from the high bit down); its hash
-        and weight are outer products of per-axis terms, `(N, 2)` each."""
+        Corner `o` (0…7) is offset by the bits of `o` (x, y, z from the high bit down). Its hash
+        and weight combine per-axis terms `(N, 2)` spread to `(N, 8)` by column selection (contiguous
+        operands: broadcast int64 XORs are several times slower on CPU). `index_select` rather than
+        `table[index]`: its backward is an `index_add`, ~3× faster on CPU than advanced indexing's."""
         scaled = x * resolution
         corner = scaled.floor().clamp(0, resolution - 1)
         frac = scaled - corner  # (N, 3)
         corner = corner.long()
-        axis_weight = torch.stack([1 - frac, frac], -1)  # (N, 3, 2): weight of offset 0 / 1 per axis
-        axis_hash = [torch.stack([corner[:, d], corner[:, d] + 1], -1) * _PRIMES[d] for d in range(3)]  # (N, 2) each
-        index = axis_hash[0][:, :, None, None] ^ axis_hash[1][:, None, :, None] ^ axis_hash[2][:, None, None, :]
-        index = index.view(-1, 8) % table.shape[0]
-        weight = axis_weight[:, 0, :, None, None] * axis_weight[:, 1, None, :, None] * axis_weight[:, 2, None, None, :]
-        return (weight.view(-1, 8, 1) * table[index]).sum(1)
+        bits = _CORNER_BITS.to(x.device)  # (3, 8)
+        index = weight = None
+        for d in range(3):
+            axis_hash = torch.stack([corner[:, d], corner[:, d] + 1], -1) * _PRIMES[d]  # (N, 2)
+            axis_weight = torch.stack([1 - frac[:, d], frac[:, d]], -1)
+            axis_hash, axis_weight = axis_hash.index_select(1, bits[d]), axis_weight.index_select(1, bits[d])  # (N, 8)
+            index = axis_hash if index is None else index ^ axis_hash
+            weight = axis_weight if weight is None else weight * axis_weight
+        size = table.shape[0]
+        # the hashes are non-negative: for a power-of-two table the modulo is a mask
+        index = index & (size - 1) if size & (size - 1) == 0 else index % size
+        corners = table.index_select(0, index.view(-1)).view(-1, 8, table.shape[1])
+        return (weight[..., None] * corners).sum(1)
+
+
+_CORNER_BITS = torch.tensor([[(o >> (2 - d)) & 1 for o in range(8)] for d in range(3)])
+"""`(3, 8)`: the offset (0 or 1) of corner `o` along axis d."""
 
 
 class ImplicitVolume(nn.Module):

@@ -177,3 +177,24 @@ def test_renderer_shades_with_analytic_normals_without_gradients():
     assert red > 0.85 and green == pytest.approx(0.5, abs=0.01) and blue == pytest.approx(0.5, abs=0.01)
     with pytest.raises(ValueError, match="finite_difference, analytic"):
         FieldConfig(normal_type="autograd")
+
+
+def test_hashed_level_is_the_trilinear_blend_of_its_hashed_corners():
+    from csd.fields import _PRIMES, HashGridEncoding
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(500, 3, generator=generator)
+    x[:5], x[5:10] = 1.0, 0.0  # the cube's faces clamp to the last cell
+    for size in (2**12, 1000):  # a power of two (masked) and not (modulo)
+        table = torch.randn(size, 2, generator=generator)
+        resolution = 42
+        scaled = x * resolution
+        corner = scaled.floor().long().clamp(0, resolution - 1)
+        frac = scaled - corner
+        expected = torch.zeros(500, 2)
+        for offset in range(8):
+            bits = torch.tensor([(offset >> 2) & 1, (offset >> 1) & 1, offset & 1])
+            vertex = corner + bits
+            index = ((vertex[:, 0] * _PRIMES[0]) ^ (vertex[:, 1] * _PRIMES[1]) ^ (vertex[:, 2] * _PRIMES[2])) % size
+            expected += torch.where(bits.bool(), frac, 1 - frac).prod(-1, keepdim=True) * table[index]
+        assert torch.allclose(HashGridEncoding._hashed_lookup(x, resolution, table), expected, atol=1e-5)
