@@ -49,14 +49,15 @@ class RendererConfig:
 
 @dataclass
 class RenderOutput:
-    """`rgb` `(B, 3, H, W)` in [0, 1] (composited on the background); `opacity`, `depth` `(B, 1, H, W)`;
-    `normal` `(B, 3, H, W)` world-space composited normals (zeros when not computed);
-    `orientation` scalar Ref-NeRF orientation penalty (0 when normals were not computed)."""
+    """`rgb` `(B, 3, H, W)` in [0, 1] (composited on the background); `opacity` `(B, 1, H, W)`;
+    `depth` `(B, 1, H, W)` (None unless asked for); `normal` `(B, 3, H, W)` world-space composited
+    normals (None when no normals were computed); `orientation` scalar Ref-NeRF orientation penalty
+    (0 when normals were not computed)."""
 
     rgb: Tensor
     opacity: Tensor
-    depth: Tensor
-    normal: Tensor
+    depth: Tensor | None
+    normal: Tensor | None
     orientation: Tensor
 
 
@@ -169,7 +170,12 @@ class VolumeRenderer:
         generator: torch.Generator | None = None,
         training: bool = True,
         compute_normals: bool = False,
+        compute_depth: bool = False,
     ) -> RenderOutput:
+        """Render `field` (`field(points) -> (σ, albedo)`; `field.with_normals(points) -> (σ,
+        albedo, normals)` when normals are needed: shading other than albedo, or `compute_normals`
+        for the orientation penalty). `depth` only with `compute_depth` (a training step never
+        reads it)."""
         if shading not in SHADING_MODES:
             raise ValueError(f"unknown shading {shading!r}; valid: {', '.join(SHADING_MODES)}")
         width = width or height
@@ -189,40 +195,49 @@ class VolumeRenderer:
         active = hit[:, None].expand(-1, n).reshape(-1)
         if self.grid is not None:
             active = active & self.grid.query(flat)
-        density = torch.zeros(flat.shape[0], device=device)
-        albedo = torch.zeros(flat.shape[0], 3, device=device)
-        normal = torch.zeros(flat.shape[0], 3, device=device)
         index = active.nonzero().squeeze(-1)
         need_normals = compute_normals or shading != "albedo"
+        # only the active samples are queried; the others keep σ = 0 (and contribute nothing)
+        density = torch.zeros(flat.shape[0], device=device)
+        albedo = torch.zeros(flat.shape[0], 3, device=device)
+        normal = torch.zeros(flat.shape[0], 3, device=device) if need_normals else None
         if index.numel() > 0:
             active_points = flat[index]
-            sigma, rgb = field(active_points)
+            if need_normals:
+                sigma, rgb, normals = field.with_normals(active_points)
+                normal = normal.index_put((index,), normals)
+            else:
+                sigma, rgb = field(active_points)
             density = density.index_put((index,), sigma)
             albedo = albedo.index_put((index,), rgb)
-            if need_normals:
-                normal = normal.index_put((index,), field.normal(active_points, sigma))
-        density, albedo, normal = density.view(n_rays, n), albedo.view(n_rays, n, 3), normal.view(n_rays, n, 3)
+        density, albedo = density.view(n_rays, n), albedo.view(n_rays, n, 3)
+        if need_normals:
+            normal = normal.view(n_rays, n, 3)
 
         if shading == "albedo":
             colour = albedo
+        elif shading == "normal":
+            colour = normal * 0.5 + 0.5
         else:
             light = cameras.light_position.to(device)[:, None, None, :].expand(batch, height * width, n, 3).reshape(n_rays, n, 3)
             shade = diffuse_shade(normal, points, light, c.ambient)
             colour = albedo * shade if shading == "diffuse" else shade.expand(-1, -1, 3)
-            if shading == "normal":
-                colour = normal * 0.5 + 0.5
 
         weights, rgb = composite(density, colour, deltas)
         opacity = weights.sum(1, keepdim=True)
-        # expected termination depth inside each interval of constant density σ: front + δ·f(σδ),
-        # f(x) = 1/x − 1/(eˣ − 1) (→ ½ for thin media, → 0 for opaque ones)
-        front = near[:, None] + torch.arange(n, device=device)[None] * deltas
-        optical = (density * deltas).detach()
-        inside = torch.where(optical < 1e-4, torch.full_like(optical, 0.5), 1 / optical.clamp(min=1e-4) - 1 / torch.expm1(optical.clamp(min=1e-4)))
-        depth = (weights * (front + deltas * inside)).sum(1, keepdim=True) / opacity.clamp(min=1e-6)
-        composited_normal = (weights[..., None] * normal).sum(1)
+        depth = composited_normal = None
+        if compute_depth:
+            # expected termination depth inside each interval of constant density σ: front + δ·f(σδ),
+            # f(x) = 1/x − 1/(eˣ − 1) (→ ½ for thin media, → 0 for opaque ones)
+            front = near[:, None] + torch.arange(n, device=device)[None] * deltas
+            optical = (density * deltas).detach()
+            inside = torch.where(
+                optical < 1e-4, torch.full_like(optical, 0.5), 1 / optical.clamp(min=1e-4) - 1 / torch.expm1(optical.clamp(min=1e-4))
+            )
+            depth = (weights * (front + deltas * inside)).sum(1, keepdim=True) / opacity.clamp(min=1e-6)
         orientation = torch.zeros((), device=device)
         if need_normals:
+            composited_normal = (weights[..., None] * normal).sum(1)
             # Ref-NeRF orientation loss: normals should not face away from the camera
             facing = (normal * directions[:, None, :]).sum(-1).clamp(min=0) ** 2
             if c.orientation_reduction == "opaque":
@@ -233,7 +248,7 @@ class VolumeRenderer:
         background = self.background(directions.view(batch, -1, 3), batch, generator, training).reshape(-1, 3)
         rgb = rgb + (1 - opacity) * background
 
-        def image(x: Tensor) -> Tensor:
-            return x.view(batch, height, width, -1).permute(0, 3, 1, 2)
+        def image(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
         return RenderOutput(image(rgb), image(opacity), image(depth), image(composited_normal), orientation)

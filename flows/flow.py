@@ -1,7 +1,8 @@
 """Prefect flows: `csd-asset` runs a catalog, `csd-asset-single` runs one asset, one task per stage.
 
 The batch validates the whole catalog before any work, opens an MLflow batch run and runs one
-`csd-asset-single` flow per row: in-process, `max_parallel_assets` at a time (default), or, with
+`csd-asset-single` flow per row: in-process, `max_parallel_assets` at a time (default; with more
+than one, the stages compute in worker processes, see `StagePool`), or, with
 `asset_deployment="csd-asset-single/asset"`, as deployment runs on a work pool so that every
 worker (one per GPU) takes assets from the same batch; an asset run that crashes (worker killed,
 machine lost) is submitted again and resumes from its stage's last checkpoint. Each asset flow
@@ -50,6 +51,7 @@ from flows.pipeline import (
 )
 from flows.store import open_store
 from flows.tracking import Tracker, code_version, run_link, sync_pending
+from flows.workers import StagePool
 
 log = logging.getLogger(__name__)
 SHEET_NAME = "contact_sheet.png"
@@ -74,10 +76,16 @@ def _worth_retrying(task, task_run, state) -> bool:
     return not isinstance(getattr(error, "__cause__", None), PERMANENT_ERRORS)
 
 
+_STAGE_POOL: StagePool | None = None
+"""Set by `batch` while it runs assets in worker processes; `run_stage` then runs stages there."""
+
+
 @task(name="stage", task_run_name="{stage.asset_id}/{stage.spec.name}", cache_policy=NO_CACHE)
 def run_stage(stage: PlannedStage, force: bool) -> StageOutcome:
-    """Run or reuse one stage (its MLflow run is synced from the folder and the asset record)."""
-    return execute_stage(stage, force)
+    """Run or reuse one stage (its MLflow run is synced from the folder and the asset record), in a
+    worker process while `batch` runs assets in parallel."""
+    execute = _STAGE_POOL.run if _STAGE_POOL is not None else execute_stage
+    return execute(stage, force)
 
 
 def _asset_tags(plan: AssetPlan, catalog: str | None) -> dict[str, Any]:
@@ -299,9 +307,20 @@ def batch(
         return AssetRecord.collect(store, row.asset_id, batch_id)
 
     wall = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, max_parallel_assets), thread_name_prefix="asset") as pool:
-        futures = {row.asset_id: pool.submit(contextvars.copy_context().run, make, row) for row in rows}
-        records = {asset_id: future.result() for asset_id, future in futures.items()}
+    global _STAGE_POOL
+    parallel = max(1, min(max_parallel_assets, len(rows)))
+    workers = StagePool(parallel) if parallel > 1 and not asset_deployment and _STAGE_POOL is None else None
+    if workers is not None:
+        log.info("batch: %d assets at a time in worker processes, %d torch thread(s) each", parallel, workers.threads)
+        _STAGE_POOL = workers
+    try:
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="asset") as pool:
+            futures = {row.asset_id: pool.submit(contextvars.copy_context().run, make, row) for row in rows}
+            records = {asset_id: future.result() for asset_id, future in futures.items()}
+    finally:
+        if workers is not None:
+            _STAGE_POOL = None
+            workers.close()
     statuses = {asset_id: record.status if record else "crashed" for asset_id, record in records.items()}
     sheet = _write_contact_sheet(store, list(records), batch_id)
     failed = sorted(a for a, status in statuses.items() if status in ("failed", "crashed"))

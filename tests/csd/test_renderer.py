@@ -1,11 +1,13 @@
 """Volume renderer against a field with a known constant-density ball."""
 
 import math
+from dataclasses import replace as dataclass_replace
 
 import pytest
 import torch
 
 from csd.cameras import make_cameras
+from csd.fields import FieldConfig, ImplicitVolume
 from csd.renderer import RendererConfig, VolumeRenderer, composite, intersect_sphere
 
 RADIUS = 0.5
@@ -25,8 +27,11 @@ class BallField:
     def __call__(self, points):
         return self.density(points), torch.tensor([1.0, 0.0, 0.0]).expand(len(points), 3)
 
-    def normal(self, points, density=None):
+    def normal(self, points):
         return torch.nn.functional.normalize(points, dim=-1)
+
+    def with_normals(self, points):
+        return (*self(points), self.normal(points))
 
 
 def _center_ray_camera(distance=2.0):
@@ -54,7 +59,9 @@ def test_depth_of_an_opaque_ball_is_its_entry_point(occupancy_resolution):
     field = BallField(1e5)
     renderer.update_occupancy(field, step=0)
     for distance in (1.5, 1.77, 2.0):  # different entry offsets relative to the sample grid
-        out = renderer.render(field, _center_ray_camera(distance), 1, training=True, generator=torch.Generator().manual_seed(1))
+        out = renderer.render(
+            field, _center_ray_camera(distance), 1, training=True, generator=torch.Generator().manual_seed(1), compute_depth=True
+        )
         spacing = 2 * 1.0 / num_samples  # bounding sphere chord through the centre / samples
         assert float(out.opacity) == pytest.approx(1.0, abs=1e-4)
         assert abs(float(out.depth) - (distance - RADIUS)) <= spacing / 2 + 1e-5
@@ -95,7 +102,7 @@ def test_shading_modes_and_background():
 class InsideOutBall(BallField):
     """Normals pointing inward: every visible surface point faces away from the camera."""
 
-    def normal(self, points, density=None):
+    def normal(self, points):
         return -torch.nn.functional.normalize(points, dim=-1)
 
 
@@ -115,3 +122,79 @@ def test_orientation_penalty_normalised_by_opaque_rays():
     assert float(centre.orientation) == pytest.approx(1.0, abs=0.01)
     with pytest.raises(ValueError, match="rays, opaque"):
         VolumeRenderer(RendererConfig(orientation_reduction="all"), 1.0)
+
+
+def _blob_volume(normal_type: str, seed: int = 0) -> ImplicitVolume:
+    torch.manual_seed(seed)
+    config = FieldConfig(n_levels=4, log2_hashmap_size=12, base_resolution=4, max_resolution=32, hidden_dim=16, normal_type=normal_type)
+    return ImplicitVolume(config)
+
+
+def test_analytic_normals_of_a_sphere_density_are_radial_and_carry_gradients():
+    volume = _blob_volume("analytic")
+    with torch.no_grad():  # the MLP output 0: σ = softplus(10·(1 − |x|/0.5)), a radial density
+        volume.mlp[-1].weight.zero_()
+        volume.mlp[-1].bias.zero_()
+    points = torch.nn.functional.normalize(torch.randn(200, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
+    points = points * torch.linspace(0.1, 0.9, 200)[:, None]
+    density, albedo, normal = volume.with_normals(points)
+    assert torch.allclose(normal, torch.nn.functional.normalize(points, dim=-1), atol=1e-5)
+    assert torch.allclose(density, volume.density(points)) and albedo.shape == (200, 3)
+    # a loss on the normals reaches the parameters (create_graph), as the orientation loss needs
+    (normal[:, 0].sum()).backward()
+    grad = volume.mlp[-1].weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and float(grad[0].abs().sum()) > 1e-4
+    with torch.no_grad():
+        _, _, detached = volume.with_normals(points)
+    assert not detached.requires_grad and torch.allclose(detached, normal.detach())
+
+
+def test_analytic_normals_agree_with_finite_differences_on_a_trained_looking_field():
+    analytic, finite = _blob_volume("analytic", seed=3), _blob_volume("finite_difference", seed=3)
+    with torch.no_grad():  # a non-radial field: large random MLP output weights
+        for volume in (analytic, finite):
+            torch.manual_seed(4)
+            volume.mlp[-1].weight.normal_(0, 2.0)
+    finite = ImplicitVolume(dataclass_replace(finite.config, normal_eps=1e-3)).requires_grad_(False)
+    finite.load_state_dict(analytic.state_dict())
+    points = (torch.rand(300, 3, generator=torch.Generator().manual_seed(1)) - 0.5) * 1.2
+    a = analytic.normal(points).detach()
+    f = finite.normal(points)
+    cosine = (a * f).sum(-1)
+    assert float(cosine.median()) > 0.999 and float((cosine > 0.95).float().mean()) > 0.95
+
+
+def test_renderer_shades_with_analytic_normals_without_gradients():
+    volume = _blob_volume("analytic")
+    with torch.no_grad():
+        volume.mlp[-1].weight.zero_()
+    renderer = VolumeRenderer(RendererConfig(num_samples=32, occupancy_resolution=0, background="solid"), 1.0)
+    with torch.no_grad():
+        out = renderer.render(volume, _center_ray_camera(), 9, shading="normal", training=False)
+    # the blob seen head-on from +x: the centre ray's normals point back at the camera (the soft
+    # blob's far side, normal −x, adds a little weight of colour 0 to the red channel)
+    red, green, blue = out.rgb[0, :, 4, 4].tolist()
+    assert red > 0.85 and green == pytest.approx(0.5, abs=0.01) and blue == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="finite_difference, analytic"):
+        FieldConfig(normal_type="autograd")
+
+
+def test_hashed_level_is_the_trilinear_blend_of_its_hashed_corners():
+    from csd.fields import _PRIMES, HashGridEncoding
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(500, 3, generator=generator)
+    x[:5], x[5:10] = 1.0, 0.0  # the cube's faces clamp to the last cell
+    for size in (2**12, 1000):  # a power of two (masked) and not (modulo)
+        table = torch.randn(size, 2, generator=generator)
+        resolution = 42
+        scaled = x * resolution
+        corner = scaled.floor().long().clamp(0, resolution - 1)
+        frac = scaled - corner
+        expected = torch.zeros(500, 2)
+        for offset in range(8):
+            bits = torch.tensor([(offset >> 2) & 1, (offset >> 1) & 1, offset & 1])
+            vertex = corner + bits
+            index = ((vertex[:, 0] * _PRIMES[0]) ^ (vertex[:, 1] * _PRIMES[1]) ^ (vertex[:, 2] * _PRIMES[2])) % size
+            expected += torch.where(bits.bool(), frac, 1 - frac).prod(-1, keepdim=True) * table[index]
+        assert torch.allclose(HashGridEncoding._hashed_lookup(x, resolution, table), expected, atol=1e-5)

@@ -203,3 +203,26 @@ def test_an_unreachable_mlflow_never_fails_a_stage(prefect_server, tiny, tmp_pat
     assert any(f"127.0.0.1:{port}" in failure for failure in record.tracking["failures"]), record.tracking["failures"]
     pending = [path.read_text() for path in (out / ".tracking-pending").glob("*.txt")]
     assert pending == ["offline/asset.json"], "the record waits for `csd-asset sync-tracking`"
+
+
+@pytest.mark.slow
+def test_stage_pool_runs_stages_in_worker_processes_relaying_steps_and_keeping_error_causes(tiny, tmp_path):
+    """`--parallel N > 1`: what `run_stage` needs from a worker — the stage's files, every step's
+    metrics for MLflow, and the cause of a failure (a bad input must still not be retried)."""
+    from flows.catalog import CatalogRow
+    from flows.pipeline import StageFailed, plan_asset
+    from flows.workers import StagePool, usable_cores
+
+    plan = plan_asset(CatalogRow("pooled", "a red cube", seed=0), tmp_path / "out", overrides={**tiny, "nerf.steps": 3})
+    pool = StagePool(2)
+    try:
+        assert pool.threads == max(1, usable_cores() // 2)
+        steps = []
+        outcome = pool.run(plan.stage("nerf"), False, lambda step, metrics: steps.append((step, metrics["loss"])))
+        assert outcome.status == "ran" and (plan.stage("nerf").directory / "field.safetensors").is_file()
+        assert [step for step, _ in steps] == [1, 2, 3] and all(loss > 0 for _, loss in steps)
+        with pytest.raises(StageFailed, match="texture") as failure:
+            pool.run(plan.stage("texture"), False)  # its uv input was never made
+        assert isinstance(failure.value.__cause__, (ValueError, FileNotFoundError)), failure.value.__cause__
+    finally:
+        pool.close()
