@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     command = sub.add_parser("run", help="make every asset of a catalog (Prefect flow csd-asset)")
     common(command)
     command.add_argument("--only", nargs="+", metavar="ID", help="only these asset ids")
-    command.add_argument("--parallel", type=int, default=1, help="assets at a time in this process (default 1)")
+    command.add_argument("--parallel", type=int, default=1, help="assets at a time (default 1); above 1 each runs its stages in a worker process with cores/N torch threads")
     command.add_argument("--retries", type=int, default=1, help="Prefect retries of a failed stage (default 1)")
     command.set_defaults(func=run)
 
