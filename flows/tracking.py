@@ -69,8 +69,23 @@ def code_version() -> str:
 
 
 def experiment_link(server: str, experiment_id: str | None) -> str:
-    """The experiment's runs table on an MLflow server (or `mlflow ui`) at `server`."""
+    """The experiment's runs table on an MLflow server (or `mlflow ui`) at `server`; the list of
+    experiments when the id is not known (the server was down)."""
+    if experiment_id is None:
+        return f"{server.rstrip('/')}/#/experiments"
     return f"{server.rstrip('/')}/#/experiments/{experiment_id}{RUNS_VIEW}"
+
+
+def experiment_id_of(uri: str, name: str) -> str | None:
+    """The id of the experiment `name` at `uri`, or None when it does not exist or cannot be read."""
+    from mlflow import MlflowClient
+
+    try:
+        experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    except Exception as error:  # a server that is down: the link falls back to the experiment list
+        log.warning("MLflow: cannot read experiment %r at %s (%s)", name, uri, error)
+        return None
+    return experiment.experiment_id if experiment is not None else None
 
 
 def run_link(uri: str, experiment_id: str | None, run_id: str | None) -> str:

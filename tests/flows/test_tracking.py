@@ -174,3 +174,16 @@ def test_the_batch_summary_says_how_to_sync_what_is_missing(tmp_path, empty_stor
     assert f"`csd-asset sync-tracking --out {store.local}`" in markdown
     assert "- red: 1 sync(s) failed; first problem: red/asset.json: ConnectionError" in markdown
     assert "not in MLflow yet" in markdown
+
+
+def test_the_experiment_link_names_the_experiment_or_lists_them_all(tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.tracking import RUNS_VIEW, experiment_id_of, experiment_link
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    made = MlflowClient(tracking_uri=uri).create_experiment("csd-asset", artifact_location=(tmp_path / "a").as_uri())
+    assert experiment_id_of(uri, "csd-asset") == made
+    assert experiment_id_of(uri, "never-made") is None
+    assert experiment_link("http://127.0.0.1:5000/", made) == f"http://127.0.0.1:5000/#/experiments/{made}{RUNS_VIEW}"
+    assert experiment_link("http://127.0.0.1:5000", None) == "http://127.0.0.1:5000/#/experiments", "never /experiments/None"
