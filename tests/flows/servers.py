@@ -170,6 +170,11 @@ def start_s3(log_path: Path, bucket: str) -> tuple[subprocess.Popen, dict[str, s
     wait_healthy(f"{env['AWS_ENDPOINT_URL_S3']}/moto-api/", server, timeout=60)
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket=bucket)
+    # fsspec caches file systems by their arguments, not by the environment they read the endpoint
+    # from: an S3 file system made in this process for an earlier server would keep talking to it
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
     return server, env
 
 
