@@ -50,7 +50,8 @@ def _stage_in_worker(stage: dict[str, Any], force: bool, steps) -> tuple[str, An
     name = stage.pop("spec")
     planned = PlannedStage(spec=next(s for s in STAGES if s.name == name), **stage)
     try:
-        return "done", execute_stage(planned, force, callback=lambda step, metrics: steps.put((step, metrics)))
+        relay = (lambda step, metrics: steps.put((step, metrics))) if steps is not None else None
+        return "done", execute_stage(planned, force, callback=relay)
     except StageFailed as error:
         return "failed", (str(error), _builtin_error(error.__cause__))
 
@@ -62,7 +63,7 @@ class StagePool:
     each other (issue 20: 1.13× on 2 cores at `--parallel 2`); `workers` processes with
     `usable_cores() // workers` torch threads each keep every core busy. Prefect task runs and
     MLflow logging stay in the batch's process (the task thread waits on its stage and relays the
-    stage's per-step metrics to MLflow); a worker holds only torch and the stage code, and loads the
+    stage's per-step metrics to a callback, when given one); a worker holds only torch and the stage code, and loads the
     prior once for all the stages it runs (on a GPU, one copy per worker)."""
 
     def __init__(self, workers: int):
@@ -83,20 +84,20 @@ class StagePool:
         """`execute_stage(stage, force, callback)` in a worker; raises what it raises."""
         fields = {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage)}
         fields["spec"] = stage.spec.name
-        steps = self._manager.Queue()
+        # steps cross processes only for a caller that reads them: a queue put per step is IPC
+        steps = self._manager.Queue() if callback is not None else None
         with self._lock:
             pool = self._pool
         try:
             future = pool.submit(_stage_in_worker, fields, force, steps)
-            while True:
+            while steps is not None:
                 try:
                     step, metrics = steps.get(timeout=0.5)
                 except queue.Empty:
                     if future.done():
                         break
                     continue
-                if callback is not None:
-                    callback(step, metrics)
+                callback(step, metrics)
             status, value = future.result()
         except BrokenProcessPool:
             # a worker died (killed, out of memory): later stages get a fresh pool; this one's
