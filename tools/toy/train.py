@@ -6,6 +6,8 @@ pre-rendered scenes (rendering on the fly would cost a third of each step on 2 c
 `--checkpoint-every` steps the full state goes to `--checkpoint-dir` (atomically) and a run
 started again with the same arguments resumes from it; every `--export-every` steps the EMA
 weights are written to `--out` in the diffusers layout (atomically), with a sample grid.
+`--init-from DIR` continues training from an exported prior (live and EMA weights both start from
+its EMA weights; the learning-rate schedule starts afresh); TRAINING.txt counts all steps.
 """
 
 from __future__ import annotations
@@ -86,7 +88,16 @@ def write_grid(images: torch.Tensor, columns: int, path: Path, scale: int = 2) -
     iio.imwrite(path, np.kron(array, np.ones((scale, scale, 1), dtype=np.uint8)))
 
 
-def export(out: Path, ema_unet, ema_text, tokenizer, scheduler, step: int) -> None:
+def trained_steps(directory: Path) -> int:
+    """Steps recorded in an exported prior's TRAINING.txt (0 when it records none)."""
+    record = directory / "TRAINING.txt"
+    for line in record.read_text().splitlines() if record.exists() else []:
+        if line.startswith("steps:"):
+            return int(line.split(":", 1)[1])
+    return 0
+
+
+def export(out: Path, ema_unet, ema_text, tokenizer, scheduler, step: int, history: str = "") -> None:
     """Atomically replace `out` with the EMA pipeline and a sample grid."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -94,7 +105,7 @@ def export(out: Path, ema_unet, ema_text, tokenizer, scheduler, step: int) -> No
     prompts = [f"a {c} {s}" for s in SHAPES for c in COLOUR_NAMES]
     images = sample_grid(ema_unet, ema_text, tokenizer, scheduler, prompts, guidance_scale=3.0, seed=0)
     write_grid(images, len(COLOUR_NAMES), tmp / "samples_cfg3.png")
-    (tmp / "TRAINING.txt").write_text(f"steps: {step}\n")
+    (tmp / "TRAINING.txt").write_text(f"steps: {step}\n{history}")
     old = out.with_name(f".{out.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
@@ -117,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--export-every", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "prior")
+    parser.add_argument("--init-from", type=Path, help="an exported prior to continue training from")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -127,6 +139,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()
     unet, text_encoder, scheduler = build_unet(args.seed), build_text_encoder(len(tokenizer), args.seed), build_scheduler()
+    earlier, history = 0, ""
+    if args.init_from:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_from / "unet").state_dict())
+        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(args.init_from / "text_encoder").state_dict())
+        earlier = trained_steps(args.init_from)
+        history = f"warm start: {earlier} steps, then {args.steps} at lr {args.lr:g} (batch {args.batch}, pool {args.pool})\n"
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
@@ -198,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.checkpoint_every == 0 or step == args.steps:
             save_state()
         if step % args.export_every == 0 or step == args.steps:
-            export(args.out, ema_unet, ema_text, tokenizer, scheduler, step)
+            export(args.out, ema_unet, ema_text, tokenizer, scheduler, earlier + step, history)
             log.info("step %d: loss %.4f, exported EMA weights to %s (%.0f s this run)", step, np.mean(losses[-200:]), args.out, time.time() - started)
     progress.close()
 
