@@ -35,6 +35,13 @@ class RendererConfig:
     occupancy_update_every: int = 16
     """Re-evaluate the grid every N training steps."""
     occupancy_decay: float = 0.95
+    alpha_threshold: float = 0.01
+    """With a grid: samples whose alpha (from a density-only pass without gradients) is below
+    min(this, the grid's mean cell optical depth) are dropped before the full query, as nerfacc's
+    `OccGridEstimator.sampling(alpha_thre=…, sigma_fn=…)` does; threestudio's nerf-volume-renderer
+    (`prune_alpha_threshold: true`, the official default) passes 0.01. 0 keeps them."""
+    early_stop_eps: float = 1e-4
+    """With a grid: samples behind a transmittance below this are dropped too (nerfacc's default)."""
     ambient: float = 0.4
     """Ambient light share in diffuse shading (the rest is lambertian from the point light)."""
     background: str = "random"
@@ -96,6 +103,12 @@ class OccupancyGrid:
         # dilate by one cell: one jittered sample per cell can miss a surface that crosses it
         self.occupied = F.max_pool3d(occupied, 3, stride=1, padding=1)[0, 0].bool()
 
+    @property
+    def mean_optical_depth(self) -> float:
+        """Mean over cells of the decayed max density × cell size (nerfacc's `occs.mean()`):
+        caps the alpha threshold, so nothing is pruned before the first update."""
+        return float(self.density.mean()) * self.cell
+
     def query(self, points: Tensor) -> Tensor:
         """`(N, 3)` → `(N,)` bool."""
         index = ((points / self.bound * 0.5 + 0.5) * self.resolution).long().clamp(0, self.resolution - 1)
@@ -114,10 +127,16 @@ def intersect_sphere(origins: Tensor, directions: Tensor, radius: float) -> tupl
     return near, far, hit & (far > near)
 
 
-def composite(density: Tensor, values: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
-    """Alpha compositing. `density`, `deltas` `(R, S)`; `values` `(R, S, C)` → weights `(R, S)`, `(R, C)`."""
+def alpha_transmittance(density: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
+    """Alpha and the transmittance in front of each sample, `(R, S)` each."""
     alpha = 1 - torch.exp(-density * deltas)
     transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], dim=1), dim=1)[:, :-1]
+    return alpha, transmittance
+
+
+def composite(density: Tensor, values: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
+    """Alpha compositing. `density`, `deltas` `(R, S)`; `values` `(R, S, C)` → weights `(R, S)`, `(R, C)`."""
+    alpha, transmittance = alpha_transmittance(density, deltas)
     weights = alpha * transmittance
     return weights, (weights[..., None] * values).sum(1)
 
@@ -144,6 +163,19 @@ class VolumeRenderer:
     def update_occupancy(self, field, step: int, generator: torch.Generator | None = None) -> None:
         if self.grid is not None and step % self.config.occupancy_update_every == 0:
             self.grid.update(field.density, generator)
+
+    @torch.no_grad()
+    def _visible(self, field, flat: Tensor, index: Tensor, deltas: Tensor) -> Tensor:
+        """The samples of `index` worth the full query: alpha ≥ min(`alpha_threshold`, the grid's
+        mean optical depth) and transmittance ≥ `early_stop_eps`, from a density-only pass."""
+        c = self.config
+        threshold = min(c.alpha_threshold, self.grid.mean_optical_depth)
+        if threshold <= 0 and c.early_stop_eps <= 0:
+            return index
+        density = torch.zeros(flat.shape[0], device=flat.device).index_put((index,), field.density(flat[index]))
+        alpha, transmittance = alpha_transmittance(density.view(deltas.shape), deltas)
+        visible = ((alpha >= threshold) & (transmittance >= c.early_stop_eps)).view(-1)
+        return index[visible[index]]
 
     def background(self, directions: Tensor, batch: int, generator: torch.Generator | None, training: bool) -> Tensor:
         """Background colours `(B, H*W, 3)` for ray directions `(B, H*W, 3)`."""
@@ -196,6 +228,8 @@ class VolumeRenderer:
         if self.grid is not None:
             active = active & self.grid.query(flat)
         index = active.nonzero().squeeze(-1)
+        if self.grid is not None and index.numel() > 0:
+            index = self._visible(field, flat, index, deltas)
         need_normals = compute_normals or shading != "albedo"
         # only the active samples are queried; the others keep σ = 0 (and contribute nothing)
         density = torch.zeros(flat.shape[0], device=device)
