@@ -63,6 +63,8 @@ CHARACTER = [  # configs/csd-if.yaml, nerf stage
     ("nerf.renderer.background", "learned", "csd-if.yaml:54-56"),
     ("nerf.renderer.random_background_prob", 0.5, "csd-if.yaml:57 random_aug"),
     ("nerf.renderer.num_samples", 512, "csd-if.yaml:63"),
+    ("nerf.renderer.alpha_threshold", 0.01, "nerf_volume_renderer.py prune_alpha_threshold: true → alpha_thre=0.01"),
+    ("nerf.renderer.early_stop_eps", 1e-4, "nerfacc OccGridEstimator.sampling default early_stop_eps"),
     ("nerf.renderer.orientation_reduction", "opaque", "systems/magic3d.py loss_orient"),
     ("nerf.lambda_orientation", [0, 1.0, 100.0, 5000], "csd-if.yaml:96"),
     ("nerf.lambda_sparsity", [0, 10.0, 1.0, 5000], "csd-if.yaml:98"),
