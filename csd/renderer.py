@@ -58,8 +58,8 @@ class RendererConfig:
 class RenderOutput:
     """`rgb` `(B, 3, H, W)` in [0, 1] (composited on the background); `opacity` `(B, 1, H, W)`;
     `depth` `(B, 1, H, W)` (None unless asked for); `normal` `(B, 3, H, W)` world-space composited
-    normals (None when no normals were computed); `orientation` scalar Ref-NeRF orientation penalty
-    (0 when normals were not computed)."""
+    normals and `orientation` the scalar Ref-NeRF orientation penalty (None / 0 unless
+    `compute_normals`)."""
 
     rgb: Tensor
     opacity: Tensor
@@ -231,31 +231,27 @@ class VolumeRenderer:
         if self.grid is not None and index.numel() > 0:
             index = self._visible(field, flat, index, deltas)
         need_normals = compute_normals or shading != "albedo"
-        # only the active samples are queried; the others keep σ = 0 (and contribute nothing)
+        # only the queried samples are shaded; the others keep σ = 0 and contribute nothing
         density = torch.zeros(flat.shape[0], device=device)
-        albedo = torch.zeros(flat.shape[0], 3, device=device)
-        normal = torch.zeros(flat.shape[0], 3, device=device) if need_normals else None
+        colour = torch.zeros(flat.shape[0], 3, device=device)
+        normals = None
         if index.numel() > 0:
-            active_points = flat[index]
+            queried = flat[index]
             if need_normals:
-                sigma, rgb, normals = field.with_normals(active_points)
-                normal = normal.index_put((index,), normals)
+                sigma, albedo, normals = field.with_normals(queried)
             else:
-                sigma, rgb = field(active_points)
+                sigma, albedo = field(queried)
+            if shading == "albedo":
+                shaded = albedo
+            elif shading == "normal":
+                shaded = normals * 0.5 + 0.5
+            else:
+                light = cameras.light_position.to(device)[index // (n * height * width)]
+                shade = diffuse_shade(normals, queried, light, c.ambient)
+                shaded = albedo * shade if shading == "diffuse" else shade.expand(-1, 3)
             density = density.index_put((index,), sigma)
-            albedo = albedo.index_put((index,), rgb)
-        density, albedo = density.view(n_rays, n), albedo.view(n_rays, n, 3)
-        if need_normals:
-            normal = normal.view(n_rays, n, 3)
-
-        if shading == "albedo":
-            colour = albedo
-        elif shading == "normal":
-            colour = normal * 0.5 + 0.5
-        else:
-            light = cameras.light_position.to(device)[:, None, None, :].expand(batch, height * width, n, 3).reshape(n_rays, n, 3)
-            shade = diffuse_shade(normal, points, light, c.ambient)
-            colour = albedo * shade if shading == "diffuse" else shade.expand(-1, -1, 3)
+            colour = colour.index_put((index,), shaded)
+        density, colour = density.view(n_rays, n), colour.view(n_rays, n, 3)
 
         weights, rgb = composite(density, colour, deltas)
         opacity = weights.sum(1, keepdim=True)
@@ -270,15 +266,17 @@ class VolumeRenderer:
             )
             depth = (weights * (front + deltas * inside)).sum(1, keepdim=True) / opacity.clamp(min=1e-6)
         orientation = torch.zeros((), device=device)
-        if need_normals:
-            composited_normal = (weights[..., None] * normal).sum(1)
+        if compute_normals and normals is not None:
+            sample_weights = weights.view(-1)[index]
+            composited_normal = torch.zeros(n_rays, 3, device=device).index_add(0, index // n, sample_weights[:, None] * normals)
             # Ref-NeRF orientation loss: normals should not face away from the camera
-            facing = (normal * directions[:, None, :]).sum(-1).clamp(min=0) ** 2
+            facing = (normals * directions[index // n]).sum(-1).clamp(min=0) ** 2
+            penalty = sample_weights.detach() * facing
             if c.orientation_reduction == "opaque":
                 # threestudio/systems/magic3d.py loss_orient: Σ w·max(0, n·d)² / #(opacity > 0)
-                orientation = (weights.detach() * facing).sum() / (opacity > 0).sum().clamp(min=1)
+                orientation = penalty.sum() / (opacity > 0).sum().clamp(min=1)
             else:
-                orientation = (weights.detach() * facing).sum(1).mean()
+                orientation = penalty.sum() / n_rays
         background = self.background(directions.view(batch, -1, 3), batch, generator, training).reshape(-1, 3)
         rgb = rgb + (1 - opacity) * background
 
