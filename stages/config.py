@@ -3,9 +3,10 @@
 A preset (`stages/presets/<name>.yaml`) has one section per stage (`model`, `nerf`, `mesh`, `uv`,
 `texture`, `edit`, `export`). `build_config(NerfConfig, preset["nerf"], overrides)` turns a section
 into a dataclass, recursing into nested dataclass fields and rejecting unknown keys with the list of
-valid ones. Each config checks its own fields in `__post_init__` (`csd.checks.validate`: options
-typed `Literal[...]`, value ranges); `build_config` constructs every nested config and gathers what
-they refuse into one `ConfigError`, so every bad value anywhere in a nested config is reported at
+valid ones. A config checks its own fields in `__post_init__` (`csd.checks.validate`: options typed
+`Literal[...]` and value ranges, raising one `InvalidConfig` with every `(field, why)`);
+`build_config` constructs every nested config and gathers what they refuse, each field named by its
+dotted path, into one `ConfigError`, so every bad value anywhere in a nested config is reported at
 planning, before any model loads.
 `config_hash` gives the stable identity used for caching.
 """
