@@ -7,12 +7,12 @@ World frame: z is up, the object sits at the origin. A camera at azimuth 0°, el
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-
-ELEVATION_SAMPLINGS = ("uniform", "mixed")
+from csd.checks import at_least, between, interval, validate
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class CameraConfig:
     """Azimuth in degrees; 0 is the front (+x)."""
     batch_uniform_azimuth: bool = True
     """Spread a batch's azimuths evenly (one stratum per camera) instead of i.i.d."""
-    elevation_sampling: str = "uniform"
+    elevation_sampling: Literal["uniform", "mixed"] = "uniform"
     """`uniform`: uniform in degrees; `mixed`: per batch, with probability ½ uniform in degrees, else
     uniform on the sphere (inverse-CDF of sin), as threestudio/data/uncond.py:153-177."""
     light_distance_range: tuple[float, float] = (0.8, 1.5)
@@ -45,11 +45,19 @@ class CameraConfig:
     """Half-width in degrees of the warm-up's front and back sectors (official: 30)."""
 
     def __post_init__(self):
-        if self.elevation_sampling not in ELEVATION_SAMPLINGS:
-            raise ValueError(f"unknown elevation_sampling {self.elevation_sampling!r}; valid: {', '.join(ELEVATION_SAMPLINGS)}")
-        if self.batch_uniform_azimuth and self.front_back_warmup_steps > 0:
+        def warmup(steps):
             # the official sampler asserts the same (uncond.py:181-182)
-            raise ValueError("front_back_warmup_steps needs batch_uniform_azimuth: false (the two azimuth samplers exclude each other)")
+            if self.batch_uniform_azimuth and steps > 0:
+                return f"{steps} needs batch_uniform_azimuth: false (the two azimuth samplers exclude each other)"
+            return None
+
+        validate(self, {
+            "distance_range": interval(positive=True), "fovy_range": interval(0, 180, positive=True),
+            "elevation_range": interval(-90, 90), "azimuth_range": interval(-360, 360),
+            "light_distance_range": interval(positive=True), "light_position_perturb": at_least(0),
+            "front_back_warmup_steps": lambda steps: at_least(0)(steps) or warmup(steps),
+            "front_back_halfwidth": between(0, 90),
+        })
 
 
 @dataclass

@@ -12,14 +12,15 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from csd.checks import at_least, validate
+
 _PRIMES = (1, 2654435761, 805459861)
-NORMAL_TYPES = ("finite_difference", "analytic")
 
 
 class ImplicitField(Protocol):
@@ -47,13 +48,13 @@ class FieldConfig:
     max_resolution: int = 512
     hidden_dim: int = 64
     n_hidden_layers: int = 1
-    density_bias: str = "blob_magic3d"
+    density_bias: Literal["blob_magic3d", "none"] = "blob_magic3d"
     """`blob_magic3d`: scale · (1 − |x| / std); `none`."""
     density_blob_scale: float = 10.0
     density_blob_std: float = 0.5
-    density_activation: str = "softplus"
+    density_activation: Literal["softplus", "exp"] = "softplus"
     """`softplus` or `exp`."""
-    normal_type: str = "finite_difference"
+    normal_type: Literal["finite_difference", "analytic"] = "finite_difference"
     """How normals −∇σ/‖∇σ‖ are computed: `finite_difference` (forward differences, `normal_eps`
     apart: 3 more density queries per point) or `analytic` (∇σ by autograd with `create_graph`, so
     losses on normals backpropagate to the field; official csd-if: `normal_type: analytic`,
@@ -62,8 +63,12 @@ class FieldConfig:
     """Finite-difference step for `finite_difference` normals, world units."""
 
     def __post_init__(self):
-        if self.normal_type not in NORMAL_TYPES:
-            raise ValueError(f"unknown normal_type {self.normal_type!r}; valid: {', '.join(NORMAL_TYPES)}")
+        validate(self, {
+            "bound": at_least(0, exclusive=True), "n_levels": at_least(1), "n_features_per_level": at_least(1),
+            "log2_hashmap_size": at_least(1), "base_resolution": at_least(1), "max_resolution": at_least(1),
+            "hidden_dim": at_least(1), "n_hidden_layers": at_least(0), "density_blob_std": at_least(0, exclusive=True),
+            "normal_eps": at_least(0, exclusive=True),
+        })
 
 
 class HashGridEncoding(nn.Module):
@@ -150,10 +155,6 @@ class ImplicitVolume(nn.Module):
             width = config.hidden_dim
         layers.append(nn.Linear(width, 4))
         self.mlp = nn.Sequential(*layers)
-        if config.density_bias not in ("blob_magic3d", "none"):
-            raise ValueError(f"unknown density_bias {config.density_bias!r}; valid: blob_magic3d, none")
-        if config.density_activation not in ("softplus", "exp"):
-            raise ValueError(f"unknown density_activation {config.density_activation!r}; valid: softplus, exp")
 
     def _raw(self, points: Tensor) -> Tensor:
         x = ((points / self.bound) * 0.5 + 0.5).clamp(0.0, 1.0)

@@ -4,22 +4,20 @@ empty space, alpha compositing; shading (albedo / diffuse / textureless) and bac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from csd.cameras import Cameras, get_rays
+from csd.checks import at_least, between, interval, unit_rgb, validate
 from csd.shading import diffuse_shade, random_background
 
 SHADING_MODES = ("albedo", "diffuse", "textureless", "normal")
 """`normal` renders the world-space normal map as colour n·0.5 + 0.5: the official `textureless`
 with `textureless_normal: true` (threestudio/models/materials/diffuse_with_point_light_material.py:110-112,
 configs/csd-if.yaml:52)."""
-BACKGROUNDS = ("solid", "random", "learned")
-ORIENTATION_REDUCTIONS = ("rays", "opaque")
-"""`rays`: the penalty averaged over all rays; `opaque`: summed and divided by the number of rays
-with opacity > 0, as threestudio/systems/magic3d.py does (loss_orient)."""
 
 
 @dataclass(frozen=True)
@@ -44,14 +42,22 @@ class RendererConfig:
     """With a grid: samples behind a transmittance below this are dropped too (nerfacc's default)."""
     ambient: float = 0.4
     """Ambient light share in diffuse shading (the rest is lambertian from the point light)."""
-    background: str = "random"
+    background: Literal["solid", "random", "learned"] = "random"
     """`solid` (background_color), `random` (a random light colour per view, like the toy world) or `learned`."""
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
     random_background_range: tuple[float, float] = (0.65, 1.0)
     random_background_prob: float = 0.5
     """With a `learned` background: probability of replacing it by a random colour (threestudio random_aug)."""
-    orientation_reduction: str = "rays"
-    """How the orientation penalty is normalised: `rays` (mean over rays) or `opaque` (official)."""
+    orientation_reduction: Literal["rays", "opaque"] = "rays"
+    """How the orientation penalty is normalised: `rays` (averaged over all rays) or `opaque` (summed
+    and divided by the number of rays with opacity > 0, as threestudio/systems/magic3d.py loss_orient)."""
+
+    def __post_init__(self):
+        validate(self, {
+            "num_samples": at_least(1), "occupancy_resolution": at_least(0), "occupancy_threshold": at_least(0),
+            "occupancy_update_every": at_least(1), "occupancy_decay": between(0, 1), "ambient": between(0, 1),
+            "background_color": unit_rgb, "random_background_range": interval(0, 1), "random_background_prob": between(0, 1),
+        })
 
 
 @dataclass
@@ -145,12 +151,6 @@ class VolumeRenderer:
     """Renders an `ImplicitVolume` for a batch of cameras."""
 
     def __init__(self, config: RendererConfig, bound: float, device="cpu"):
-        if config.background not in BACKGROUNDS:
-            raise ValueError(f"unknown background {config.background!r}; valid: {', '.join(BACKGROUNDS)}")
-        if config.orientation_reduction not in ORIENTATION_REDUCTIONS:
-            raise ValueError(
-                f"unknown orientation_reduction {config.orientation_reduction!r}; valid: {', '.join(ORIENTATION_REDUCTIONS)}"
-            )
         self.config = config
         self.bound = bound
         self.grid = (

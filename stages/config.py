@@ -3,9 +3,11 @@
 A preset (`stages/presets/<name>.yaml`) has one section per stage (`model`, `nerf`, `mesh`, `uv`,
 `texture`, `edit`, `export`). `build_config(NerfConfig, preset["nerf"], overrides)` turns a section
 into a dataclass, recursing into nested dataclass fields and rejecting unknown keys with the list of
-valid ones, and checking every field as it builds (`check_fields`): options typed `Literal[...]`,
-the `__post_init__` of each dataclass, and `FIELD_CHECKS` for the method's configs in `csd/`, so a
-bad value anywhere in a nested config is refused at planning, before any model loads.
+valid ones. A config checks its own fields in `__post_init__` (`csd.checks.validate`: options typed
+`Literal[...]` and value ranges, raising one `InvalidConfig` with every `(field, why)`);
+`build_config` constructs every nested config and gathers what they refuse, each field named by its
+dotted path, into one `ConfigError`, so every bad value anywhere in a nested config is reported at
+planning, before any model loads.
 `config_hash` gives the stable identity used for caching.
 """
 
@@ -16,14 +18,11 @@ import hashlib
 import json
 import typing
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-from csd.cameras import CameraConfig
-from csd.fields import FieldConfig
-from csd.renderer import BACKGROUNDS, RendererConfig
+from csd.checks import InvalidConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -37,102 +36,6 @@ class ConfigError(ValueError):
     def __init__(self, message: str = "", field: str | None = None, problems: list[tuple[str | None, str]] | None = None):
         self.problems = list(problems) if problems is not None else [(field, message)]
         super().__init__("; ".join(f"{where}: {text}" if where else text for where, text in self.problems))
-
-
-Check = Callable[[Any], "str | None"]
-"""A field check: the value → why it is invalid, or None."""
-
-
-def one_of(*valid: Any, why: str = "") -> Check:
-    return lambda value: None if value in valid else f"{value!r} is not one of {', '.join(map(str, valid))}{why}"
-
-
-def at_least(low: float, exclusive: bool = False) -> Check:
-    def check(value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"{value!r} is not a number"
-        if value < low or (exclusive and value == low):
-            return f"{value!r} must be {'>' if exclusive else '>='} {low}"
-        return None
-
-    return check
-
-
-def between(low: float, high: float) -> Check:
-    def check(value):
-        problem = at_least(low)(value)
-        return problem or (f"{value!r} must be <= {high}" if value > high else None)
-
-    return check
-
-
-def interval(low: float | None = None, high: float | None = None, positive: bool = False) -> Check:
-    """A `(min, max)` pair with min <= max, inside [low, high] (min > 0 when `positive`)."""
-
-    def check(value):
-        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-        ):
-            return f"{value!r} is not a [min, max] pair of numbers"
-        lo, hi = value
-        if lo > hi:
-            return f"{list(value)} has min > max; expected [min, max] with min <= max"
-        if positive and lo <= 0:
-            return f"{list(value)} must be positive; expected [min, max] with 0 < min <= max"
-        if (low is not None and lo < low) or (high is not None and hi > high):
-            return f"{list(value)} must lie within [{low}, {high}]"
-        return None
-
-    return check
-
-
-def colour(value) -> str | None:
-    if not isinstance(value, (list, tuple)) or len(value) != 3 or any(between(0, 1)(v) for v in value):
-        return f"{value!r} is not an RGB triple in [0, 1]"
-    return None
-
-
-FIELD_CHECKS: dict[type, dict[str, Check]] = {
-    RendererConfig: {
-        "num_samples": at_least(1), "occupancy_resolution": at_least(0), "occupancy_threshold": at_least(0),
-        "occupancy_update_every": at_least(1), "occupancy_decay": between(0, 1), "ambient": between(0, 1),
-        "background": one_of(*BACKGROUNDS), "background_color": colour, "random_background_range": interval(0, 1),
-        "random_background_prob": between(0, 1),
-    },
-    FieldConfig: {
-        "bound": at_least(0, exclusive=True), "n_levels": at_least(1), "n_features_per_level": at_least(1),
-        "log2_hashmap_size": at_least(1), "base_resolution": at_least(1), "max_resolution": at_least(1),
-        "hidden_dim": at_least(1), "n_hidden_layers": at_least(0), "density_bias": one_of("blob_magic3d", "none"),
-        "density_blob_std": at_least(0, exclusive=True), "density_activation": one_of("softplus", "exp"),
-        "normal_eps": at_least(0, exclusive=True),
-    },
-    CameraConfig: {
-        "distance_range": interval(positive=True), "fovy_range": interval(0, 180, positive=True),
-        "elevation_range": interval(-90, 90), "azimuth_range": interval(-360, 360),
-        "light_distance_range": interval(positive=True), "light_position_perturb": at_least(0),
-        "front_back_warmup_steps": at_least(0),
-    },
-}
-"""Value checks of the `csd/` configs, by field (read with the `Literal` options by `check_fields`)."""
-
-
-def check_fields(config: Any, where: str) -> list[tuple[str, str]]:
-    """`(field path, why)` for each field of the dataclass `config` outside its `Literal[...]`
-    options or failing its `FIELD_CHECKS` entry."""
-    hints = typing.get_type_hints(type(config))
-    checks = FIELD_CHECKS.get(type(config), {})
-    problems = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        tp = hints[f.name]
-        problem = None
-        if typing.get_origin(tp) is Literal:
-            problem = one_of(*typing.get_args(tp))(value)
-        elif f.name in checks:
-            problem = checks[f.name](value)
-        if problem:
-            problems.append((f"{where}.{f.name}", problem))
-    return problems
 
 
 def preset_names() -> list[str]:
@@ -208,15 +111,13 @@ def build_config(cls, data: dict[str, Any] | None = None, overrides: dict[str, A
     if problems:
         raise ConfigError(problems=problems)
     try:
-        config = cls(**kwargs)
+        return cls(**kwargs)
     except ConfigError:
         raise
+    except InvalidConfig as error:
+        raise ConfigError(problems=[(f"{where}.{name}", why) for name, why in error.problems]) from error
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error), field=where) from error
-    problems += check_fields(config, where)
-    if problems:
-        raise ConfigError(problems=problems)
-    return config
 
 
 def _jsonable(value: Any) -> Any:

@@ -166,3 +166,29 @@ def test_validate_command_refuses_a_nested_value_naming_the_valid_options(tmp_pa
     assert main(["validate", str(path), *(f"--set={k}={v}" for k, v in tiny.items())]) == 1
     err = capsys.readouterr().err
     assert "line 2, column 'nerf.renderer.background' (asset 'red'): 'lerned' is not one of solid, random, learned" in err
+
+
+def test_validate_command_reports_every_bad_nested_value_of_a_row_before_any_model_loads(tmp_path, capsys, tiny, monkeypatch):
+    import csd.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("validation must not load a model")
+
+    monkeypatch.setattr(csd.models, "load_prior", no_loading)
+    path = tmp_path / "three.csv"
+    path.write_text(
+        "asset_id,prompt,nerf.renderer.background,nerf.cameras.distance_range,nerf.renderer.num_samples,nerf.field.normal_type\n"
+        'red,a red cube,lerned,"[2, -1]",0,\n'
+        "blue,a blue cube,,,,autograd\n"
+    )
+    assert main(["validate", str(path), "--out", str(tmp_path / "out"), *(f"--set={k}={v}" for k, v in tiny.items())]) == 1
+    err = capsys.readouterr().err
+    for message in [
+        "line 2, column 'nerf.renderer.background' (asset 'red'): 'lerned' is not one of solid, random, learned",
+        "line 2, column 'nerf.cameras.distance_range' (asset 'red'): [2, -1] has min > max; expected [min, max] with min <= max",
+        "line 2, column 'nerf.renderer.num_samples' (asset 'red'): 0 must be >= 1",
+        "line 3, column 'nerf.field.normal_type' (asset 'blue'): 'autograd' is not one of finite_difference, analytic",
+    ]:
+        assert message in err, err
+    assert "4 problem(s)" in err, err
+    assert not (tmp_path / "out").exists()

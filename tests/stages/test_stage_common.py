@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from csd.cameras import CameraConfig
+from csd.checks import validate
 from stages.assets import TexturedMesh, read_textured_mesh, write_textured_mesh
 from stages.common import StageResult, StageWorkspace, completed
 from stages.config import ConfigError, build_config, config_hash, flatten, load_preset, preset_names
@@ -42,7 +43,8 @@ class Checked:
     steps: int = 1
 
     def __post_init__(self):
-        if self.steps < 1:
+        validate(self)  # the Literal options
+        if self.steps < 1:  # a config may also raise a plain ValueError
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
 
