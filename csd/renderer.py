@@ -56,6 +56,7 @@ class RendererConfig:
         validate(self, {
             "num_samples": at_least(1), "occupancy_resolution": at_least(0), "occupancy_threshold": at_least(0),
             "occupancy_update_every": at_least(1), "occupancy_decay": between(0, 1), "ambient": between(0, 1),
+            "alpha_threshold": between(0, 1), "early_stop_eps": between(0, 1),
             "background_color": unit_rgb, "random_background_range": interval(0, 1), "random_background_prob": between(0, 1),
         })
 
