@@ -72,6 +72,27 @@ def at_least(low: float, exclusive: bool = False) -> Check:
     return check
 
 
+def non_empty(what: str) -> Check:
+    """Text that is not blank; `what` says what it is for in the message."""
+    return lambda value: None if isinstance(value, str) and value.strip() else f"{value!r} is empty; it is {what}"
+
+
+def whole(low: int) -> Check:
+    """A whole number (not a bool) >= `low`: counts, sizes, steps."""
+
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{value!r} is not a whole number"
+        return at_least(low)(value)
+
+    return check
+
+
+def optional(check: Check) -> Check:
+    """`check`, or None allowed."""
+    return lambda value: None if value is None else check(value)
+
+
 def between(low: float, high: float) -> Check:
     def check(value):
         problem = at_least(low)(value)

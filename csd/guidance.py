@@ -19,20 +19,22 @@ The loss is the reparameterisation `0.5 ‖z − (z − g).detach()‖² / B`: i
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from csd.prompts import PromptEmbeddings
-from csd.schedules import Schedule, schedule_value, validate_schedule
+from csd.checks import optional, validate
+from csd.schedules import Schedule, schedule_problem, schedule_value
 
-WEIGHTINGS = ("uniform", "sds")
-GRAD_NORMALIZATIONS = ("none", "sample", "batch")
+Weighting = Literal["uniform", "sds"]
+"""`uniform`: w(t) = 1 (official csd-if); `sds`: w(t) = 1 − ᾱ_t (DreamFusion, official SD refine)."""
+GradNormalization = Literal["none", "sample", "batch"]
 """`batch`: g / (‖g‖₂ of the whole batch tensor + 1e-8), as the official code
 (threestudio/models/guidance/deep_floyd_simple_guidance.py:262-263); `sample`: each sample's g by
 its own norm (our earlier form, kept for the toy preset); `none`."""
-"""`uniform`: w(t) = 1 (official csd-if); `sds`: w(t) = 1 − ᾱ_t (DreamFusion, official SD refine)."""
+GRAD_NORMALIZATIONS = get_args(GradNormalization)
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,9 @@ class GuidanceConfig:
     """t_min as a fraction of the training timesteps."""
     max_step_percent: Schedule = 0.98
     """t_max as a fraction of the training timesteps."""
-    weighting: str = "uniform"
+    weighting: Weighting = "uniform"
     """w(t): `uniform` or `sds` (1 − ᾱ_t)."""
-    grad_normalize: bool | str = False
+    grad_normalize: bool | GradNormalization = False
     """`none`/False, `sample`/True (each sample's g by its own norm) or `batch` (the whole batch
     tensor's norm, official csd-if: deep_floyd_simple_guidance.py:262-263)."""
     perp_neg_scale: Schedule = 0.0
@@ -65,14 +67,17 @@ class GuidanceConfig:
     does (deep_floyd_simple_guidance.py:260-261)."""
 
     def __post_init__(self):
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {self.weighting!r}; valid: {', '.join(WEIGHTINGS)}")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name not in ("weighting", "grad_normalize") and value is not None:
-                validate_schedule(value, f.name)
-        if self.normalization not in GRAD_NORMALIZATIONS:
-            raise ValueError(f"unknown grad_normalize {self.grad_normalize!r}; valid: true, false, {', '.join(GRAD_NORMALIZATIONS)}")
+        def normalization(value):
+            if value is None or isinstance(value, bool) or value in GRAD_NORMALIZATIONS:
+                return None
+            return f"{value!r} is not one of true, false, {', '.join(GRAD_NORMALIZATIONS)}"
+
+        scales = ("prompt_scale", "negative_scale", "null_scale", "noise_scale", "min_step_percent", "max_step_percent", "perp_neg_scale")
+        validate(self, {
+            **{name: schedule_problem for name in scales},
+            "grad_clip": optional(schedule_problem),
+            "grad_normalize": normalization,
+        })
 
     @property
     def normalization(self) -> str:
@@ -91,7 +96,9 @@ class GuidanceConfig:
         return values
 
 
-GUIDANCE_PRESETS: dict[str, dict[str, Any]] = {
+GuidancePreset = Literal["csd", "csd-annealed-negative", "csd-refine", "sds"]
+"""The names of GUIDANCE_PRESETS (a stage config's `method`)."""
+GUIDANCE_PRESETS: dict[GuidancePreset, dict[str, Any]] = {
     # the classifier score alone (paper eq. 7)
     "csd": dict(prompt_scale=1.0, negative_scale=0.0, null_scale=-1.0, noise_scale=0.0, grad_normalize=True),
     # official configs/csd-if.yaml:79-85 (NeRF stage): null_scale [0, -1, 0, 5000], negative_scale
@@ -129,7 +136,24 @@ def guidance_config(preset: str, **overrides) -> GuidanceConfig:
     """A named preset with field overrides (e.g. `guidance_config("sds", prompt_scale=7.5, null_scale=-6.5)`)."""
     if preset not in GUIDANCE_PRESETS:
         raise ValueError(f"unknown guidance preset {preset!r}; valid: {', '.join(GUIDANCE_PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(GuidanceConfig)})
+    if unknown:
+        raise ValueError(f"unknown guidance field(s) {', '.join(unknown)}; valid: {', '.join(f.name for f in fields(GuidanceConfig))}")
     return replace(GuidanceConfig(**GUIDANCE_PRESETS[preset]), **overrides)
+
+
+def guidance_problem(preset: str, overrides: dict[str, Any]) -> str | None:
+    """Why `overrides` of the guidance preset `preset` make no valid GuidanceConfig, or None (the
+    check of a stage config's `guidance` field; an unknown `preset` is its `method` field's problem)."""
+    if preset not in GUIDANCE_PRESETS:
+        return None
+    if not isinstance(overrides, dict):
+        return f"{overrides!r} is not a mapping of GuidanceConfig fields"
+    try:
+        guidance_config(preset, **overrides)
+    except ValueError as error:
+        return f"with method {preset!r}: {error}"
+    return None
 
 
 @dataclass

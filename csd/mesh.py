@@ -16,11 +16,12 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from csd.checks import at_least, validate, whole
 from csd.fields import ImplicitField
 
 AUTO = "auto"
@@ -37,7 +38,7 @@ class ExtractionConfig:
     """Fine-grid samples along the longest side of the tightened box (voxels are cubes)."""
     coarse_resolution: int = 64
     """Samples per side of the coarse pass over the whole `[-bound, bound]³` cube."""
-    threshold: float | str = 25.0
+    threshold: float | Literal["auto"] = 25.0
     """Density level of the surface (threestudio implicit-volume `isosurface_threshold`: 25), or `auto`:
     the level whose surface, seen along the coarse grid's axes, has the silhouette the volume renderer
     draws at opacity 0.5 (see `auto_threshold`). `auto` suits fields whose density scale is not the
@@ -46,6 +47,18 @@ class ExtractionConfig:
     """The box of occupied coarse cells grows by this fraction of its size (half on each side)."""
     chunk_size: int = 262_144
     """Points per field query; bounds memory whatever the grid size."""
+
+    def __post_init__(self):
+        def threshold(value):
+            if value == AUTO:
+                return None
+            problem = at_least(0, exclusive=True)(value)
+            return problem and f"{problem}; valid: a positive density or {AUTO!r}"
+
+        validate(self, {
+            "resolution": whole(8), "coarse_resolution": whole(8), "threshold": threshold,
+            "bbox_margin": at_least(0), "chunk_size": whole(1),
+        })
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,16 @@ class CleanupConfig:
     equilateral faces, which decimation then halves where the surface is flattest)."""
     target_faces: int = 20_000
     """Face count after quadric edge-collapse decimation (0 keeps the remeshed count)."""
+
+    def __post_init__(self):
+        def ratio(value):
+            problem = at_least(0)(value)
+            return problem or (f"{value!r} must be < 1" if value >= 1 else None)
+
+        validate(self, {
+            "min_component_ratio": ratio, "max_hole_edges": whole(0), "remesh_iterations": whole(0),
+            "target_edge_length": at_least(0), "target_faces": whole(0),
+        })
 
 
 class EmptyIsosurfaceError(ValueError):
@@ -106,32 +129,6 @@ class CleanMesh:
     faces: np.ndarray
     vertex_colors: np.ndarray | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-def validate_extraction(config: ExtractionConfig) -> None:
-    if isinstance(config.threshold, str):
-        if config.threshold != AUTO:
-            raise ValueError(f"unknown threshold {config.threshold!r}; valid: a density (number) or {AUTO!r}")
-    elif not isinstance(config.threshold, (int, float)) or isinstance(config.threshold, bool) or config.threshold <= 0:
-        raise ValueError(f"threshold must be a positive density or {AUTO!r}, got {config.threshold!r}")
-    if config.resolution < 8 or config.coarse_resolution < 8:
-        raise ValueError(f"grid resolutions must be >= 8, got resolution={config.resolution}, coarse={config.coarse_resolution}")
-    if config.bbox_margin < 0:
-        raise ValueError(f"bbox_margin must be >= 0, got {config.bbox_margin}")
-    if config.chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {config.chunk_size}")
-
-
-def validate_cleanup(config: CleanupConfig) -> None:
-    if not 0 <= config.min_component_ratio < 1:
-        raise ValueError(f"min_component_ratio must be in [0, 1), got {config.min_component_ratio}")
-    if config.max_hole_edges < 0 or config.remesh_iterations < 0 or config.target_faces < 0:
-        raise ValueError(
-            f"max_hole_edges, remesh_iterations and target_faces must be >= 0, got "
-            f"{config.max_hole_edges}, {config.remesh_iterations}, {config.target_faces}"
-        )
-    if config.target_edge_length < 0:
-        raise ValueError(f"target_edge_length must be >= 0, got {config.target_edge_length}")
 
 
 @torch.no_grad()
@@ -218,7 +215,6 @@ def _empty_error(grid: DensityGrid, level: float) -> EmptyIsosurfaceError:
 
 def extract_isosurface(field: ImplicitField, config: ExtractionConfig, device: str | torch.device = "cpu") -> Isosurface:
     """Coarse pass over the bounding cube → level (`auto` or given) and tight box → fine grid → marching cubes."""
-    validate_extraction(config)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     bound = float(field.bound)
@@ -270,7 +266,6 @@ def clean_mesh(
     """pymeshlab clean-up. `remesh=False` (a user's mesh) keeps its triangulation and its small parts: only
     duplicated/unreferenced vertices, degenerate faces and orientation are fixed, and decimation runs
     only above `target_faces`. `vertex_colors` `(V, 4)` in [0, 1] are carried through."""
-    validate_cleanup(config)
     with PYMESHLAB_LOCK:
         return _clean_mesh(vertices, faces, config, remesh, vertex_colors)
 

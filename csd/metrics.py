@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,8 @@ from torch import Tensor
 
 from csd.models import ModelNotFoundError
 
-SCORERS = ("toy", "clip", "none")
+Scorer = Literal["toy", "clip", "none"]
+SCORERS = get_args(Scorer)
 
 
 @dataclass

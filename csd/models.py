@@ -19,10 +19,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from csd.checks import Check, optional, validate, whole
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,8 @@ SHORT_NAMES = {"toy": TOY_PRIOR}
 """Names that resolve to models shipped inside the package."""
 
 REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PredictionType = Literal["epsilon", "v_prediction"]
+PREDICTION_TYPES = get_args(PredictionType)
 """What the UNet predicts (scheduler config); score distillation needs ε, v is converted."""
 
 
@@ -50,7 +54,7 @@ class ModelConfig:
     """Hub revision or variant folder, for ids."""
     variant: str | None = None
     """Weights variant on disk (`fp16` for SD/IF checkpoints that ship one)."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """`auto` (fp16 on CUDA, fp32 on CPU), `float32`, `float16` or `bfloat16`."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, …"""
@@ -60,6 +64,29 @@ class ModelConfig:
     """Trade speed for memory in the UNet's attention (for small GPUs)."""
     max_length: int | None = None
     """Text sequence length; default: the tokenizer's `model_max_length` (77 for SD's CLIP)."""
+
+    def __post_init__(self):
+        validate(self, {
+            "model": lambda value: None if isinstance(value, str) and value.strip() else f"{value!r} names no model",
+            "device": device_check(), "max_length": optional(whole(1)),
+        })
+
+
+def device_check(auto: bool = True) -> Check:
+    """A field check: the value is a torch device name (`cpu`, `cuda`, `cuda:1`, …) or, when `auto`,
+    `auto`. Whether the device exists is known only where the stage runs."""
+    valid = f"{'auto, ' if auto else ''}cpu, cuda, cuda:<index>, mps, …"
+
+    def check(name):
+        if auto and name == "auto":
+            return None
+        try:
+            torch.device(name)
+        except (RuntimeError, TypeError):
+            return f"{name!r} is not a torch device; valid: {valid}"
+        return None
+
+    return check
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,7 +181,7 @@ class DiffusionPrior:
     device: torch.device
     dtype: torch.dtype
     max_length: int
-    prediction_type: str = "epsilon"
+    prediction_type: PredictionType = "epsilon"
     """The scheduler's `prediction_type`: `epsilon` or `v_prediction` (converted to ε)."""
     text_encoder_loader: Callable[[], torch.nn.Module] | None = None
     """Loads the text encoder again (frozen, on `device`) after `release_text_encoder`; without
@@ -162,11 +189,7 @@ class DiffusionPrior:
     _text_lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"{self.identity}: scheduler prediction_type {self.prediction_type!r} is not supported; "
-                f"valid: {', '.join(PREDICTION_TYPES)}"
-            )
+        validate(self)
 
     @property
     def kind(self) -> str:

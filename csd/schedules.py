@@ -13,21 +13,29 @@ from typing import Sequence, Union
 Schedule = Union[float, int, Sequence[float]]
 
 
-def validate_schedule(schedule: Schedule, name: str = "schedule") -> None:
-    if isinstance(schedule, (int, float)):
-        return
-    if not isinstance(schedule, (list, tuple)) or len(schedule) != 4:
-        raise ValueError(f"{name}: expected a number or [start_step, start_value, end_value, end_step], got {schedule!r}")
+def schedule_problem(schedule: Schedule) -> str | None:
+    """Why `schedule` is not a number or a `[start_step, start_value, end_value, end_step]` list with
+    `start_step <= end_step`, or None (a `csd.checks` field check)."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if number(schedule):
+        return None
+    if not isinstance(schedule, (list, tuple)) or len(schedule) != 4 or not all(map(number, schedule)):
+        return f"{schedule!r} is not a number or [start_step, start_value, end_value, end_step]"
     start_step, _, _, end_step = schedule
     if end_step < start_step:
-        raise ValueError(f"{name}: end_step {end_step} is before start_step {start_step} in {list(schedule)}")
+        return f"end_step {end_step} is before start_step {start_step} in {list(schedule)}"
+    return None
 
 
 def schedule_value(schedule: Schedule, step: int) -> float:
     """The value of `schedule` at `step`."""
     if isinstance(schedule, (int, float)):
         return float(schedule)
-    validate_schedule(schedule)
+    problem = schedule_problem(schedule)
+    if problem:
+        raise ValueError(f"schedule {problem}")
     start_step, start_value, end_value, end_step = (float(v) for v in schedule)
     if step >= end_step:
         return end_value

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from csd.checks import at_least, validate, whole
 from csd.fields import ImplicitField
 from csd.raster import bilinear_lookup
 from csd.raster import rasterize_uv as rasterize_layout
@@ -52,6 +53,12 @@ class UnwrapConfig:
     """Rotate charts to pack them tighter."""
     brute_force: bool = False
     """Try every chart placement (slow, tightest packing)."""
+
+    def __post_init__(self):
+        validate(self, {
+            "resolution": whole(16), "padding": whole(0), "max_chart_area": at_least(0),
+            "max_boundary_length": at_least(0), "max_cost": at_least(0, exclusive=True), "max_iterations": whole(1),
+        })
 
 
 @dataclass
@@ -88,18 +95,6 @@ class UVRaster:
         return self.face_index >= 0
 
 
-def validate_unwrap(config: UnwrapConfig) -> None:
-    if config.resolution < 16:
-        raise ValueError(f"texture resolution must be >= 16, got {config.resolution}")
-    if config.padding < 0 or config.max_iterations < 1:
-        raise ValueError(f"padding must be >= 0 and max_iterations >= 1, got {config.padding}, {config.max_iterations}")
-    if config.max_cost <= 0 or config.max_chart_area < 0 or config.max_boundary_length < 0:
-        raise ValueError(
-            f"max_cost must be > 0, max_chart_area and max_boundary_length >= 0; got "
-            f"{config.max_cost}, {config.max_chart_area}, {config.max_boundary_length}"
-        )
-
-
 def _generate(vertices: np.ndarray, faces: np.ndarray, config: UnwrapConfig, texels_per_unit: float):
     import xatlas
 
@@ -129,7 +124,6 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, config: UnwrapConfig) -> UVM
     Texel density is first sized for a modest fill; when the packed atlas still comes out larger than
     the texture it is packed once more at the density that fits, so padding never shrinks below
     `config.padding` texels. A smaller atlas is scaled up to the texture (padding grows with it)."""
-    validate_unwrap(config)
     vertices = np.asarray(vertices, dtype=np.float64)
     faces = np.asarray(faces, dtype=np.int64)
     a, b, c = (vertices[faces[:, i]] for i in range(3))

@@ -58,7 +58,7 @@ class StageSpec:
     """One entry of the registry: a stage module and how a catalog row feeds it.
 
     The module exposes `run(config, out_dir, *, inputs, identity, callback)`; the config
-    class is the annotation of `run`'s `config`. It may expose `validate(config)`, called at planning."""
+    class is the annotation of `run`'s `config`; the config checks its own fields when built, at planning."""
 
     name: str
     module: str
@@ -157,7 +157,7 @@ def coerce_override(cls: type, dotted: str, value: Any, where: str) -> Any:
         if value.lower() in ("", "null", "none"):
             return None
         tp = args[0]
-    if tp is str:
+    if tp is str or (typing.get_origin(tp) is typing.Literal and all(isinstance(a, str) for a in typing.get_args(tp))):
         return value
     if tp is int:
         try:
@@ -234,12 +234,6 @@ def stage_config(spec: StageSpec, row: CatalogRow, preset_name: str, preset: dic
         config = build_config(cls, section, values, where=spec.name)
     except ConfigError as error:
         raise ConfigError(problems=[(None, _locate(spec, row, preset_name, overrides, f, t)) for f, t in error.problems]) from error
-    validate = getattr(spec.load(), "validate", None)
-    if validate is not None:
-        try:
-            validate(config)
-        except ValueError as error:
-            raise ConfigError(_locate(spec, row, preset_name, overrides, None, str(error))) from error
     return config
 
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from csd.guidance import GuidanceConfig, guidance_config
-from csd.schedules import Schedule, validate_schedule
+from csd.checks import Check, non_empty
+from csd.guidance import GuidanceConfig, GuidancePreset, guidance_config, guidance_problem
+from csd.schedules import Schedule, schedule_problem
 from stages.common import StageResult, StepCallback
-from stages.texture import TextureOptimConfig, read_input_mesh, refine, validate_optim
+from stages.texture import TextureOptimConfig, read_input_mesh, refine
 
 
 _SET_BY_NEGATIVE_WEIGHT = ("prompt_scale", "negative_scale", "null_scale")
@@ -38,10 +39,27 @@ class EditConfig(TextureOptimConfig):
     negative_weight: Schedule = 1.0
     """λ, the weight of the source's classifier score: higher moves further from the source, lower
     keeps more of the asset. A number or `[start_step, start, end, end_step]`."""
-    method: str = "csd"
+    method: GuidancePreset = "csd"
     """Guidance preset the edit starts from; its prompt/negative/null scales are set by `negative_weight`."""
     guidance: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Overrides of the preset's other fields (t range, weighting, normalisation)."""
+
+    def _checks(self) -> dict[str, Check]:
+        def guidance(overrides):
+            if not isinstance(overrides, dict):
+                return guidance_problem(self.method, overrides)
+            clash = sorted(set(overrides) & set(_SET_BY_NEGATIVE_WEIGHT))
+            if clash:
+                return f"overrides {clash} are set by negative_weight; remove them and set negative_weight"
+            if schedule_problem(self.negative_weight):
+                return None  # no guidance without λ; negative_weight's own problem says why
+            return guidance_problem(self.method, {**overrides, **_edit_scales(self.negative_weight)})
+
+        return {
+            **super()._checks(), "prompt": non_empty("the target description (what the asset should become)"),
+            "source_prompt": non_empty("the negative prompt the edit moves away from"),
+            "negative_weight": schedule_problem, "guidance": guidance,
+        }
 
 
 def _map_schedule(schedule: Schedule, scale: float, shift: float) -> Schedule:
@@ -52,35 +70,24 @@ def _map_schedule(schedule: Schedule, scale: float, shift: float) -> Schedule:
     return [start_step, scale * start + shift, scale * end + shift, end_step]
 
 
+def _edit_scales(negative_weight: Schedule) -> dict[str, Schedule]:
+    """a = 1, b = −λ, c = λ − 1 for λ = `negative_weight`."""
+    return {
+        "prompt_scale": 1.0,
+        "negative_scale": _map_schedule(negative_weight, -1.0, 0.0),
+        "null_scale": _map_schedule(negative_weight, 1.0, -1.0),
+    }
+
+
 def edit_guidance(config: EditConfig) -> GuidanceConfig:
-    """The guidance preset with a = 1, b = −λ, c = λ − 1."""
-    clash = sorted(set(config.guidance) & set(_SET_BY_NEGATIVE_WEIGHT))
-    if clash:
-        raise ValueError(f"edit: guidance overrides {clash} are set by negative_weight; remove them and set negative_weight")
-    validate_schedule(config.negative_weight, "negative_weight")
-    return guidance_config(
-        config.method,
-        **config.guidance,
-        prompt_scale=1.0,
-        negative_scale=_map_schedule(config.negative_weight, -1.0, 0.0),
-        null_scale=_map_schedule(config.negative_weight, 1.0, -1.0),
-    )
-
-
-def validate(config: EditConfig) -> None:
-    if not config.prompt.strip():
-        raise ValueError("edit: prompt (the target description) is empty")
-    if not config.source_prompt.strip():
-        raise ValueError("edit: source_prompt is empty; it is the negative prompt the edit moves away from")
-    validate_optim(config, "edit")
-    edit_guidance(config)
+    """The guidance preset with a = 1, b = −λ, c = λ − 1 (the config refuses guidance overrides of those scales)."""
+    return guidance_config(config.method, **config.guidance, **_edit_scales(config.negative_weight))
 
 
 def run(
     config: EditConfig, out_dir: Path, *, inputs: dict[str, Path] | None = None, identity: str = "", callback: StepCallback = None
 ) -> StageResult:
     """Edit the texture of `inputs["texture"]` (or `inputs["uv"]`) toward `config.prompt` and commit `out_dir`."""
-    validate(config)
     mesh = read_input_mesh(inputs, ("texture", "uv"), "edit")
     scored = {"source": config.source_prompt, "target": config.prompt}
     return refine(

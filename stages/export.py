@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Literal
 
 import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from csd.metrics import SCORERS, score_views
+from csd.checks import validate, whole
+from csd.metrics import Scorer, score_views
 from csd.mesh import mesh_stats
 from csd.raster import MeshRenderer, MeshRendererConfig
 from stages.assets import TexturedMesh, read_textured_mesh, write_textured_mesh
@@ -34,7 +36,6 @@ from stages.score import score_textured_mesh
 log = logging.getLogger(__name__)
 
 STAGE_ORDER = ("nerf", "mesh", "uv", "texture", "edit")
-VIDEO_FORMATS = ("mp4", "gif")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ExportConfig:
     seed: int = 0
     preset: str = ""
     """Preset name, recorded in the card."""
-    scorer: str = "toy"
+    scorer: Scorer = "toy"
     """`toy` (the shipped evaluator), `clip` (CLIP score) or `none`."""
     clip_model: str = "openai/clip-vit-base-patch32"
     """transformers CLIP id or local folder, for scorer `clip`."""
@@ -62,20 +63,17 @@ class ExportConfig:
     turntable_frames: int = 24
     turntable_resolution: int = 256
     fps: int = 12
-    video: str = "mp4"
+    video: Literal["mp4", "gif"] = "mp4"
     """`mp4` (H.264 through imageio-ffmpeg) or `gif`."""
     elevation: float = 15.0
     """Elevation of the orbit cameras, degrees."""
     renderer: MeshRendererConfig = MeshRendererConfig(background="solid", normals="smooth")
 
-
-def validate(config: ExportConfig) -> None:
-    if config.scorer not in SCORERS:
-        raise ValueError(f"export: unknown scorer {config.scorer!r}; valid: {', '.join(SCORERS)}")
-    if config.video not in VIDEO_FORMATS:
-        raise ValueError(f"export: unknown video format {config.video!r}; valid: {', '.join(VIDEO_FORMATS)}")
-    if config.turntable_frames < 16 or config.turntable_resolution < 256:
-        raise ValueError("export: the turntable needs >= 16 frames at >= 256 pixels")
+    def __post_init__(self):
+        validate(self, {
+            "score_views": whole(1), "score_resolution": whole(1), "render_resolution": whole(1),
+            "turntable_frames": whole(16), "turntable_resolution": whole(256), "fps": whole(1),
+        })
 
 
 def _versions() -> dict[str, str]:
@@ -154,7 +152,6 @@ def verify_bundle(directory: Path, mesh: TexturedMesh) -> dict[str, bool]:
 
 def run(config: ExportConfig, out_dir: Path, *, inputs: dict[str, Path] | None = None, identity: str = "", callback: StepCallback = None) -> StageResult:
     """Write the bundle for the textured asset in `inputs["asset"]`."""
-    validate(config)
     inputs = {k: Path(v) for k, v in (inputs or {}).items()}
     if "asset" not in inputs:
         raise ValueError("export: needs inputs['asset'], the directory of the last textured stage (edit > texture > uv)")

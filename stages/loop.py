@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from csd.checks import Check, at_least
 from stages.common import StepCallback, Timer, TrainingCheckpoint
 from stages.progress import StepProgress
 
@@ -30,6 +31,23 @@ def pick_shading(step: int, ambient_only_steps: int, shading_probs: dict[str, fl
         return "albedo"
     modes = [m for m, p in shading_probs.items() if p > 0]
     return rng.choices(modes, weights=[shading_probs[m] for m in modes])[0]
+
+
+def shading_probs_check(modes: tuple[str, ...]) -> Check:
+    """The check of a config's `shading_probs` (what `pick_shading` draws from): a mapping of modes
+    among `modes` to probabilities >= 0, one of them > 0."""
+
+    def check(probs):
+        if not isinstance(probs, dict):
+            return f"{probs!r} is not a mapping of shading mode to probability"
+        unknown = sorted(set(probs) - set(modes))
+        if unknown:
+            return f"unknown shading mode(s) {unknown}; valid: {', '.join(modes)}"
+        if any(at_least(0)(p) for p in probs.values()) or not any(p > 0 for p in probs.values()):
+            return f"{probs} needs probabilities >= 0, one of them > 0"
+        return None
+
+    return check
 
 
 @dataclass

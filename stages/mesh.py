@@ -14,11 +14,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from csd.checks import at_least, validate, whole
 from csd.fields import load_field
 from csd.mesh import (
     CleanupConfig,
@@ -27,9 +28,8 @@ from csd.mesh import (
     extract_isosurface,
     mesh_stats,
     normalize_to_sphere,
-    validate_cleanup,
-    validate_extraction,
 )
+from csd.models import device_check
 from csd.raster import MeshRenderer, MeshRendererConfig
 from stages.assets import Z_UP_TO_Y_UP
 from stages.common import StageResult, StageWorkspace, StepCallback, Timer, json_ready, write_previews
@@ -38,7 +38,6 @@ from stages.config import dump_yaml
 log = logging.getLogger(__name__)
 
 MESH_PLY, STATS_JSON = "mesh.ply", "stats.json"
-UP_AXES = ("z", "y")
 # glTF is y-up by specification
 _Y_UP_SUFFIXES = (".glb", ".gltf")
 PREVIEW_RENDERER = MeshRendererConfig(background="solid", normals="flat")
@@ -55,7 +54,7 @@ class MeshConfig:
     cleanup: CleanupConfig = CleanupConfig()
     user_mesh_radius: float = 0.8
     """A user mesh is centred and scaled so its farthest vertex lies at this radius (world units)."""
-    user_mesh_up: str = "z"
+    user_mesh_up: Literal["z", "y"] = "z"
     """Up axis of user OBJ/PLY files (`z` as our world, or `y`); GLB/glTF files are always y-up."""
     device: str = "cpu"
     """Torch device for the field queries (`cpu`, `cuda`, `cuda:1`, …)."""
@@ -64,16 +63,11 @@ class MeshConfig:
     preview_resolution: int = 128
     """Preview side in pixels."""
 
-
-def validate(config: MeshConfig) -> None:
-    validate_extraction(config.extraction)
-    validate_cleanup(config.cleanup)
-    if config.user_mesh_up not in UP_AXES:
-        raise ValueError(f"mesh: unknown user_mesh_up {config.user_mesh_up!r}; valid: {', '.join(UP_AXES)}")
-    if config.user_mesh_radius <= 0:
-        raise ValueError(f"mesh: user_mesh_radius must be > 0, got {config.user_mesh_radius}")
-    if config.preview_views < 1 or config.preview_resolution < 8:
-        raise ValueError(f"mesh: need preview_views >= 1 and preview_resolution >= 8, got {config.preview_views}, {config.preview_resolution}")
+    def __post_init__(self):
+        validate(self, {
+            "user_mesh_radius": at_least(0, exclusive=True), "device": device_check(auto=False),
+            "preview_views": whole(1), "preview_resolution": whole(8),
+        })
 
 
 def _check_inputs(inputs: dict[str, Path] | None) -> tuple[str, Path]:
@@ -112,7 +106,6 @@ def run(
     """Extract (or take and normalise) the mesh, clean it and commit `out_dir`.
 
     `callback` is unused: the stage has no step loop (it exists so every stage has the same signature)."""
-    validate(config)
     kind, source = _check_inputs(inputs)
     out_dir = Path(out_dir)
     started = time.perf_counter()

@@ -20,16 +20,17 @@ from typing import Any
 import torch
 
 from csd.cameras import CameraConfig, sample_cameras
+from csd.checks import at_least, non_empty, validate, whole
 from csd.fields import FieldConfig, ImplicitVolume, save_field
-from csd.guidance import ScoreDistillation, guidance_config
+from csd.guidance import GuidancePreset, ScoreDistillation, guidance_config, guidance_problem
 from csd.models import ModelConfig, load_prior_cached
 from csd.prompts import PromptProcessor, ViewThresholds
 from csd.renderer import SHADING_MODES, RendererConfig, VolumeRenderer
-from csd.schedules import Schedule, schedule_value
+from csd.schedules import Schedule, schedule_problem, schedule_value
 from csd.views import render_orbit
 from stages.common import StageResult, StageWorkspace, StepCallback, Timer, write_previews
 from stages.config import dump_yaml
-from stages.loop import DistillationLoop, pick_shading
+from stages.loop import DistillationLoop, pick_shading, shading_probs_check
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class NerfConfig:
     """Used by methods with a negative term (official: "oversaturated color, ugly, tiling, low quality, noisy")."""
     seed: int = 0
     model: ModelConfig = ModelConfig()
-    method: str = "csd"
+    method: GuidancePreset = "csd"
     """Guidance preset: csd, csd-annealed-negative, csd-refine or sds (see csd.guidance)."""
     guidance: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Overrides of the guidance preset's fields (e.g. {prompt_scale: 7.5})."""
@@ -77,18 +78,16 @@ class NerfConfig:
     preview_views: int = 16
     preview_resolution: int = 64
 
-
-def validate(config: NerfConfig) -> None:
-    if not config.prompt.strip():
-        raise ValueError("nerf: prompt is empty")
-    unknown = set(config.shading_probs) - set(SHADING_MODES)
-    if unknown:
-        raise ValueError(f"nerf: unknown shading mode(s) {sorted(unknown)}; valid: {', '.join(SHADING_MODES)}")
-    if config.steps < 1 or config.batch_size < 1:
-        raise ValueError(f"nerf: steps and batch_size must be >= 1 (got {config.steps}, {config.batch_size})")
-    guidance_config(config.method, **config.guidance)
-    if config.perp_neg and not config.view_dependent:
-        raise ValueError("nerf: perp_neg needs view_dependent: true")
+    def __post_init__(self):
+        validate(self, {
+            "prompt": non_empty("what to generate"),
+            "guidance": lambda overrides: guidance_problem(self.method, overrides),
+            "perp_neg": lambda on: "needs view_dependent: true" if on and not self.view_dependent else None,
+            "steps": whole(1), "batch_size": whole(1), "resolution": whole(1), "lr": at_least(0, exclusive=True),
+            "adam_eps": at_least(0), "ambient_only_steps": whole(0), "shading_probs": shading_probs_check(SHADING_MODES),
+            "lambda_orientation": schedule_problem, "lambda_sparsity": schedule_problem,
+            "checkpoint_every": whole(1), "preview_views": whole(1), "preview_resolution": whole(1),
+        })
 
 
 def render_turntable(
@@ -107,7 +106,6 @@ def run(
     """Train the field for `config.steps` steps (resuming a checkpoint) and commit `out_dir`.
 
     `nerf` takes no inputs (`inputs` exists so every stage has the same signature)."""
-    validate(config)
     out_dir = Path(out_dir)
     started = time.perf_counter()
     with StageWorkspace(out_dir, "nerf", identity) as workspace:

@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from csd.cameras import CameraConfig, sample_cameras
-from csd.guidance import GuidanceConfig, ScoreDistillation, guidance_config
+from csd.checks import Check, at_least, non_empty, validate, whole
+from csd.guidance import GuidanceConfig, GuidancePreset, ScoreDistillation, guidance_config, guidance_problem
 from csd.models import DiffusionPrior, ModelConfig, load_prior_cached
 from csd.prompts import PromptProcessor
 from csd.metrics import view_accuracy
@@ -38,13 +39,9 @@ from csd.texture import TextureImage, fill_seams
 from stages.assets import TexturedMesh, read_textured_mesh, write_textured_mesh
 from stages.common import StageResult, StageWorkspace, StepCallback, Timer, write_previews
 from stages.config import dump_yaml
-from stages.loop import DistillationLoop, LoopResult, pick_shading
+from stages.loop import DistillationLoop, LoopResult, pick_shading, shading_probs_check
 
 log = logging.getLogger(__name__)
-
-EVALUATORS = ("none", "toy")
-"""`toy`: the shapes-world classifier `csd.toy.evaluator` (fraction of views with the prompt's colour/shape)."""
-
 
 @dataclass(frozen=True)
 class TextureOptimConfig:
@@ -80,10 +77,36 @@ class TextureOptimConfig:
     checkpoint_every: int = 200
     preview_views: int = 16
     preview_resolution: int = 128
-    evaluator: str = "none"
-    """Scores renders of the result against the prompt(s): `none` or `toy` (the shapes-world classifier)."""
+    evaluator: Literal["none", "toy"] = "none"
+    """Scores renders of the result against the prompt(s): `none` or `toy` (the shapes-world classifier
+    `csd.toy.evaluator`: fraction of views with the prompt's colour/shape)."""
     evaluation_views: int = 8
     """Orbit views rendered for the evaluator."""
+
+    def __post_init__(self):
+        validate(self, self._checks())
+
+    def _checks(self) -> dict[str, Check]:
+        """The field checks of this config (a subclass adds its own fields')."""
+        return {
+            "steps": whole(1), "batch_size": whole(1), "resolution": whole(1), "lr": at_least(0, exclusive=True),
+            "adam_eps": at_least(0), "texture_levels": whole(1), "ambient_only_steps": whole(0),
+            "shading_probs": shading_probs_check(MESH_SHADING_MODES), "dilation": whole(0), "checkpoint_every": whole(1),
+            "preview_views": whole(1), "preview_resolution": whole(1), "evaluator": _evaluator_weights,
+            "evaluation_views": whole(1),
+        }
+
+
+def _evaluator_weights(evaluator: str) -> str | None:
+    """`toy` needs the evaluator's weights. They ship inside the installed package (`csd/toy/`), so the
+    config can look for them when it is built, at planning (a checkout that never trained them lacks them)."""
+    if evaluator != "toy":
+        return None
+    from csd.toy.evaluator import EVALUATOR_WEIGHTS
+
+    if EVALUATOR_WEIGHTS.exists():
+        return None
+    return f"'toy' needs its weights {EVALUATOR_WEIGHTS}; train them with `python tools/toy/train_evaluator.py` or set evaluator: none"
 
 
 @dataclass(frozen=True)
@@ -94,40 +117,16 @@ class TextureConfig(TextureOptimConfig):
     """What the texture should depict."""
     negative_prompt: str = ""
     """Used by methods with a negative term (official: "oversaturated color, ugly, tiling, low quality, noisy")."""
-    method: str = "csd-refine"
+    method: GuidancePreset = "csd-refine"
     """Guidance preset (see csd.guidance); `csd-refine` is the official refine-stage schedule."""
     guidance: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Overrides of the guidance preset's fields (e.g. {max_step_percent: 0.5})."""
 
-
-def validate_optim(config: TextureOptimConfig, stage: str) -> None:
-    unknown = set(config.shading_probs) - set(MESH_SHADING_MODES)
-    if unknown:
-        raise ValueError(f"{stage}: unknown shading mode(s) {sorted(unknown)}; valid: {', '.join(MESH_SHADING_MODES)}")
-    if not any(p > 0 for p in config.shading_probs.values()):
-        raise ValueError(f"{stage}: shading_probs needs a positive probability, got {config.shading_probs}")
-    if config.evaluator not in EVALUATORS:
-        raise ValueError(f"{stage}: unknown evaluator {config.evaluator!r}; valid: {', '.join(EVALUATORS)}")
-    if config.evaluator == "toy":
-        from csd.toy.evaluator import EVALUATOR_WEIGHTS
-
-        if not EVALUATOR_WEIGHTS.exists():
-            raise ValueError(
-                f"{stage}: evaluator 'toy' needs its weights {EVALUATOR_WEIGHTS}; train them with "
-                "`python tools/toy/train_evaluator.py` or set evaluator: none"
-            )
-    if config.steps < 1 or config.batch_size < 1 or config.texture_levels < 1:
-        raise ValueError(
-            f"{stage}: steps, batch_size and texture_levels must be >= 1 "
-            f"(got {config.steps}, {config.batch_size}, {config.texture_levels})"
-        )
-
-
-def validate(config: TextureConfig) -> None:
-    if not config.prompt.strip():
-        raise ValueError("texture: prompt is empty")
-    validate_optim(config, "texture")
-    guidance_config(config.method, **config.guidance)
+    def _checks(self) -> dict[str, Check]:
+        return {
+            **super()._checks(), "prompt": non_empty("what the texture should depict"),
+            "guidance": lambda overrides: guidance_problem(self.method, overrides),
+        }
 
 
 def read_input_mesh(inputs: dict[str, Path] | None, names: tuple[str, ...], stage: str) -> TexturedMesh:
@@ -298,7 +297,6 @@ def run(
     config: TextureConfig, out_dir: Path, *, inputs: dict[str, Path] | None = None, identity: str = "", callback: StepCallback = None
 ) -> StageResult:
     """Refine the texture of `inputs["uv"]` for `config.steps` steps (resuming a checkpoint) and commit `out_dir`."""
-    validate(config)
     mesh = read_input_mesh(inputs, ("uv",), "texture")
     guidance = guidance_config(config.method, **config.guidance)
     return refine("texture", config, mesh, config.prompt, config.negative_prompt, guidance, {"prompt": config.prompt}, out_dir, identity, callback)

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from csd.checks import unit_rgb, validate, whole
 from csd.fields import load_field
+from csd.models import device_check
 from csd.raster import MeshRenderer, MeshRendererConfig
-from csd.uv import UnwrapConfig, bake_albedo, bake_vertex_colors, rasterize_uv, unwrap, validate_unwrap
+from csd.uv import UnwrapConfig, bake_albedo, bake_vertex_colors, rasterize_uv, unwrap
 from stages.assets import TexturedMesh, write_textured_mesh
 from stages.common import StageResult, StageWorkspace, StepCallback, Timer, completed, write_previews
 from stages.config import dump_yaml
@@ -49,15 +51,11 @@ class UVConfig:
     preview_resolution: int = 128
     """Preview side in pixels."""
 
-
-def validate(config: UVConfig) -> None:
-    validate_unwrap(config.unwrap)
-    if len(config.base_color) != 3 or not all(0.0 <= c <= 1.0 for c in config.base_color):
-        raise ValueError(f"uv: base_color must be three values in [0, 1], got {config.base_color!r}")
-    if config.chunk_size < 1:
-        raise ValueError(f"uv: chunk_size must be >= 1, got {config.chunk_size}")
-    if config.preview_views < 1 or config.preview_resolution < 8:
-        raise ValueError(f"uv: need preview_views >= 1 and preview_resolution >= 8, got {config.preview_views}, {config.preview_resolution}")
+    def __post_init__(self):
+        validate(self, {
+            "base_color": unit_rgb, "chunk_size": whole(1), "device": device_check(auto=False),
+            "preview_views": whole(1), "preview_resolution": whole(8),
+        })
 
 
 def _mesh_file(inputs: dict[str, Path] | None) -> Path:
@@ -78,7 +76,6 @@ def run(
     `callback` is unused: the stage has no step loop (it exists so every stage has the same signature)."""
     import trimesh
 
-    validate(config)
     mesh_path = _mesh_file(inputs)
     out_dir = Path(out_dir)
     started = time.perf_counter()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from csd.cameras import Cameras
+from csd.checks import between, interval, optional, unit_rgb, validate, whole
 from csd.shading import diffuse_shade, random_background
 from csd.views import render_orbit
 
-RASTERIZERS = ("cpu", "nvdiffrast", "auto")
+RasterizerName = Literal["cpu", "nvdiffrast", "auto"]
+RASTERIZERS = get_args(RasterizerName)
 MESH_SHADING_MODES = ("albedo", "diffuse")
 """`albedo`: the texture alone; `diffuse`: lambert from the camera's point light plus ambient."""
-NORMAL_MODES = ("flat", "smooth")
-MESH_BACKGROUNDS = ("solid", "random")
 
 
 @dataclass
@@ -137,18 +137,18 @@ def rasterize_uv(uvs, faces, height: int, width: int) -> Fragments:
 class MeshRendererConfig:
     """Rasterizer backend, anti-aliasing, shading and background of textured-mesh renders."""
 
-    rasterizer: str = "auto"
+    rasterizer: RasterizerName = "auto"
     """`cpu`, `nvdiffrast` or `auto` (nvdiffrast when CUDA and the package are present)."""
     supersample: int | None = None
     """Rasterize at this many samples per pixel side and average down; None: the backend's default
     (cpu 2 — its only anti-aliasing; nvdiffrast 1, it anti-aliases analytically)."""
-    normals: str = "flat"
+    normals: Literal["flat", "smooth"] = "flat"
     """`flat` (face normals: cubes keep sharp edges) or `smooth` (area-weighted vertex normals,
     welded across UV seams)."""
     ambient: float = 0.4
     """Ambient share of `diffuse` shading; the rest is lambertian from the camera's point light
     (as `RendererConfig.ambient` of the volume renderer)."""
-    background: str = "random"
+    background: Literal["solid", "random"] = "random"
     """`solid` (background_color) or `random` (a random light colour per view while training, like
     the `nerf` stage; solid otherwise)."""
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -157,15 +157,12 @@ class MeshRendererConfig:
     """Per-channel range of the random background colour."""
 
     def __post_init__(self):
-        for value, valid, what in (
-            (self.rasterizer, RASTERIZERS, "rasterizer"),
-            (self.normals, NORMAL_MODES, "normals"),
-            (self.background, MESH_BACKGROUNDS, "background"),
-        ):
-            if value not in valid:
-                raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
-        if self.supersample is not None and self.supersample < 1:
-            raise ValueError(f"supersample must be >= 1, got {self.supersample}")
+        validate(self, {
+            "supersample": optional(whole(1)),
+            "ambient": between(0, 1),
+            "background_color": unit_rgb,
+            "random_background_range": interval(0, 1),
+        })
 
 
 @dataclass

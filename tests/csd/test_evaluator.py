@@ -123,8 +123,8 @@ def test_stages_judged_by_the_evaluator_are_identified_by_its_weights(tmp_path, 
     found = identity.weights_fingerprints(ExportConfig(scorer="toy"))
     assert found["scorer"] == f"toy-evaluator:{identity.evaluator_fingerprint()}" and found["scorer"].startswith("toy-evaluator:sha256:")
     assert "scorer" not in identity.weights_fingerprints(ExportConfig(scorer="none"))
-    assert identity.weights_fingerprints(TextureConfig(evaluator="toy"))["evaluator"] == found["scorer"]
-    assert "evaluator" not in identity.weights_fingerprints(TextureConfig(evaluator="none"))
+    assert identity.weights_fingerprints(TextureConfig(prompt="a red cube", evaluator="toy"))["evaluator"] == found["scorer"]
+    assert "evaluator" not in identity.weights_fingerprints(TextureConfig(prompt="a red cube", evaluator="none"))
     # retrained weights (one byte of the file) are another identity
     (tmp_path / "csd" / "toy").mkdir(parents=True)
     for name in ("evaluator.safetensors", "evaluator.json"):

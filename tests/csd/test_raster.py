@@ -230,7 +230,7 @@ def test_rasterize_uv_of_a_half_square():
 def test_backends_are_chosen_by_name():
     with pytest.raises(ValueError, match="valid: cpu, nvdiffrast, auto"):
         get_rasterizer("opengl")
-    with pytest.raises(ValueError, match="unknown normals 'phong'; valid: flat, smooth"):
+    with pytest.raises(ValueError, match="normals: 'phong' is not one of flat, smooth"):
         MeshRendererConfig(normals="phong")
     assert get_rasterizer("auto", "cpu").name == "cpu"
     assert "nvdiffrast" not in sys.modules, "never imported on a CPU device"

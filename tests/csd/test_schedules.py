@@ -1,6 +1,8 @@
 import pytest
 
-from csd.schedules import schedule_value, validate_schedule
+from csd.checks import InvalidConfig
+from csd.guidance import GuidanceConfig
+from csd.schedules import schedule_problem, schedule_value
 
 
 def test_constant_schedule():
@@ -35,7 +37,12 @@ def test_step_schedule_with_equal_steps_jumps():
     assert schedule_value([100, 1.0, 2.0, 100], 100) == 2.0
 
 
-@pytest.mark.parametrize("bad", [[0, 1, 2], "x", [10, 0, 1, 5]])
-def test_invalid_schedules_raise(bad):
-    with pytest.raises(ValueError):
-        validate_schedule(bad, "null_scale")
+@pytest.mark.parametrize("bad", [[0, 1, 2], "x", [10, 0, 1, 5], [0, "a", 1, 5], True])
+def test_invalid_schedules_are_refused_naming_the_field(bad):
+    assert schedule_problem(bad)
+    if bad is not True:  # schedule_value reads a bool as a number; the config refuses it
+        with pytest.raises(ValueError):
+            schedule_value(bad, 0)
+    with pytest.raises(InvalidConfig, match="null_scale") as error:
+        GuidanceConfig(null_scale=bad)
+    assert [field for field, _ in error.value.problems] == ["null_scale"]

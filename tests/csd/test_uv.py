@@ -130,5 +130,5 @@ def test_sample_texture_is_bilinear_between_texel_centres():
 
 def test_unwrap_rejects_bad_options_naming_them():
     box = trimesh.creation.box()
-    with pytest.raises(ValueError, match="resolution must be >= 16, got 4"):
+    with pytest.raises(ValueError, match=r"UnwrapConfig.resolution: 4 must be >= 16"):
         unwrap(box.vertices, box.faces, UnwrapConfig(resolution=4))

@@ -117,10 +117,10 @@ def test_a_hub_model_is_named_by_its_cached_snapshot_commit(tmp_path, monkeypatc
 
 def test_weights_fingerprints_find_every_model_config(tmp_path):
     model = fake_model(tmp_path / "model")
-    found = weights_fingerprints(NerfConfig(model=ModelConfig(model=str(model))))
+    found = weights_fingerprints(NerfConfig(prompt="a red cube", model=ModelConfig(model=str(model))))
     assert found == {"model": model_fingerprint(ModelConfig(model=str(model)))}
     with pytest.raises(ModelNotFoundError, match="model_index.json"):
-        weights_fingerprints(NerfConfig(model=ModelConfig(model=str(tmp_path))))
+        weights_fingerprints(NerfConfig(prompt="a red cube", model=ModelConfig(model=str(tmp_path))))
 
 
 def test_a_parse_spoiled_by_another_threads_ast_is_parsed_again(monkeypatch, tmp_path):

@@ -69,7 +69,7 @@ def test_bad_config_is_rejected_before_work(if_like_model, tmp_path):
 
     with pytest.raises(ConfigError, match="valid: .*shading_probs"):
         _config(if_like_model, shading_prob={"albedo": 1.0})
-    with pytest.raises(ValueError, match="prompt is empty"):
+    with pytest.raises(ValueError, match="NerfConfig.prompt: ' ' is empty"):
         run(_config(if_like_model, prompt=" "), tmp_path / "nerf")
     with pytest.raises(ValueError, match="unknown shading"):
         run(_config(if_like_model, shading_probs={"phong": 1.0}), tmp_path / "nerf")

@@ -123,13 +123,13 @@ def test_edit_guidance_is_target_minus_lambda_source():
 def test_bad_configs_and_inputs_are_rejected_before_work(if_like_model, uv_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown shading mode.*valid: albedo, diffuse"):
         run_texture(_texture_config(if_like_model, shading_probs={"textureless": 1.0}), tmp_path / "t", inputs={"uv": uv_dir})
-    with pytest.raises(ValueError, match="unknown evaluator 'clip'; valid: none, toy"):
+    with pytest.raises(ValueError, match="TextureConfig.evaluator: 'clip' is not one of none, toy"):
         run_texture(_texture_config(if_like_model, evaluator="clip"), tmp_path / "t", inputs={"uv": uv_dir})
-    with pytest.raises(ConfigError, match="unknown rasterizer 'opengl'; valid: cpu, nvdiffrast, auto"):
+    with pytest.raises(ConfigError, match="TextureConfig.renderer.rasterizer: 'opengl' is not one of cpu, nvdiffrast, auto"):
         _texture_config(if_like_model, **{"renderer.rasterizer": "opengl"})
     with pytest.raises(ValueError, match="needs a textured-mesh directory as input 'uv'; given: mesh"):
         run_texture(_texture_config(if_like_model), tmp_path / "t", inputs={"mesh": uv_dir})
-    with pytest.raises(ValueError, match="source_prompt is empty"):
+    with pytest.raises(ValueError, match="EditConfig.source_prompt: '' is empty; it is the negative prompt"):
         run_edit(_edit_config(if_like_model, source_prompt=""), tmp_path / "e", inputs={"texture": uv_dir})
     assert not (tmp_path / "t").exists() and not (tmp_path / "e").exists()
 
