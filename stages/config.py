@@ -108,16 +108,20 @@ def build_config(cls, data: dict[str, Any] | None = None, overrides: dict[str, A
             kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
         except ConfigError as error:
             problems += error.problems
+    # built even when a nested config was refused (that field keeps its default), so this config's
+    # own problems are reported with the nested ones
+    try:
+        config = cls(**kwargs)
+    except ConfigError as error:
+        problems += error.problems
+    except InvalidConfig as error:
+        problems += [(f"{where}.{name}", why) for name, why in error.problems]
+    except (TypeError, ValueError) as error:
+        if not problems:  # with a nested config refused, a missing argument is that config's problem
+            problems.append((where, str(error)))
     if problems:
         raise ConfigError(problems=problems)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except InvalidConfig as error:
-        raise ConfigError(problems=[(f"{where}.{name}", why) for name, why in error.problems]) from error
-    except (TypeError, ValueError) as error:
-        raise ConfigError(str(error), field=where) from error
+    return config
 
 
 def _jsonable(value: Any) -> Any:

@@ -8,7 +8,12 @@ import pytest
 from csd.cameras import CameraConfig
 from csd.checks import InvalidConfig, at_least, interval, validate
 from csd.fields import FieldConfig
+from csd.guidance import GuidanceConfig
+from csd.mesh import CleanupConfig, ExtractionConfig
+from csd.models import ModelConfig
+from csd.raster import MeshRendererConfig
 from csd.renderer import RendererConfig
+from csd.uv import UnwrapConfig
 
 BAD_VALUES = [
     (RendererConfig, "num_samples", 0, "0 must be >= 1"),
@@ -28,6 +33,25 @@ BAD_VALUES = [
     (CameraConfig, "elevation_sampling", "sphere", "'sphere' is not one of uniform, mixed"),
     (CameraConfig, "light_position_perturb", "much", "'much' is not a number"),
     (CameraConfig, "front_back_halfwidth", 120.0, "120.0 must be <= 90"),
+    (GuidanceConfig, "weighting", "linear", "'linear' is not one of uniform, sds"),
+    (GuidanceConfig, "grad_normalize", "global", "'global' is not one of true, false, none, sample, batch"),
+    (GuidanceConfig, "max_step_percent", [10, 0.98, 0.5, 5], "end_step 5 is before start_step 10 in [10, 0.98, 0.5, 5]"),
+    (GuidanceConfig, "grad_clip", [0, 1], "[0, 1] is not a number or [start_step, start_value, end_value, end_step]"),
+    (MeshRendererConfig, "rasterizer", "opengl", "'opengl' is not one of cpu, nvdiffrast, auto"),
+    (MeshRendererConfig, "normals", "phong", "'phong' is not one of flat, smooth"),
+    (MeshRendererConfig, "supersample", 1.5, "1.5 is not a whole number"),
+    (MeshRendererConfig, "ambient", 1.5, "1.5 must be <= 1"),
+    (ExtractionConfig, "resolution", 0, "0 must be >= 8"),
+    (ExtractionConfig, "threshold", "otsu", "'otsu' is not a number; valid: a positive density or 'auto'"),
+    (ExtractionConfig, "threshold", 0.0, "0.0 must be > 0; valid: a positive density or 'auto'"),
+    (CleanupConfig, "min_component_ratio", 1.0, "1.0 must be < 1"),
+    (CleanupConfig, "target_faces", -1, "-1 must be >= 0"),
+    (UnwrapConfig, "resolution", 8, "8 must be >= 16"),
+    (UnwrapConfig, "max_cost", 0.0, "0.0 must be > 0"),
+    (ModelConfig, "dtype", "fp8", "'fp8' is not one of auto, float32, float16, bfloat16"),
+    (ModelConfig, "device", "gpu", "'gpu' is not a torch device; valid: auto, cpu, cuda, cuda:<index>, mps, …"),
+    (ModelConfig, "max_length", 0, "0 must be >= 1"),
+    (ModelConfig, "model", " ", "' ' names no model"),
 ]
 
 
@@ -42,7 +66,9 @@ def test_each_config_refuses_a_bad_value_naming_the_field_and_the_valid_range(cl
 
 
 def test_the_defaults_are_valid_and_every_problem_is_reported_in_field_order():
-    RendererConfig(), FieldConfig(), CameraConfig()
+    for cls in {cls for cls, *_ in BAD_VALUES}:
+        cls()
+    ExtractionConfig(threshold="auto"), ModelConfig(device="cuda:1"), MeshRendererConfig(supersample=None)
     with pytest.raises(InvalidConfig) as caught:
         RendererConfig(background="lerned", num_samples=0, random_background_prob=-0.5)
     assert caught.value.problems == [

@@ -192,3 +192,22 @@ def test_validate_command_reports_every_bad_nested_value_of_a_row_before_any_mod
         assert message in err, err
     assert "4 problem(s)" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_validate_command_reports_bad_stage_level_values_of_every_stage_with_line_and_column(tmp_path, capsys, tiny):
+    path = tmp_path / "stages.csv"
+    path.write_text(
+        "asset_id,prompt,nerf.perp_neg,nerf.view_dependent,mesh.extraction.resolution,texture.evaluator,export.video\n"
+        "red,a red cube,true,false,0,clip,on\n"
+    )
+    assert main(["validate", str(path), "--out", str(tmp_path / "out"), *(f"--set={k}={v}" for k, v in tiny.items())]) == 1
+    err = capsys.readouterr().err
+    for message in [
+        "line 2, column 'nerf.perp_neg' (asset 'red'): needs view_dependent: true",
+        "line 2, column 'mesh.extraction.resolution' (asset 'red'): 0 must be >= 8",
+        "line 2, column 'texture.evaluator' (asset 'red'): 'clip' is not one of none, toy",
+        # a cell of a Literal field is taken as written (YAML would have read `on` as true)
+        "line 2, column 'export.video' (asset 'red'): 'on' is not one of mp4, gif",
+    ]:
+        assert message in err, err
+    assert "4 problem(s)" in err, err
