@@ -43,6 +43,7 @@ from stages.loop import DistillationLoop, LoopResult, pick_shading, shading_prob
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class TextureOptimConfig:
     """What `texture` and `edit` share: prior, renderer, cameras and the optimisation of the texture image."""
