@@ -187,9 +187,9 @@ class ObjectStore(FolderStore):
         # downloaded beside it, then renamed into place: two workers sharing this working copy may pull at once
         incoming, old = (local.with_name(f".{local.name}.{what}-{uuid.uuid4().hex[:8]}") for what in ("pull", "old"))
         try:
+            with contextlib.suppress(FileNotFoundError):  # a missing file is named below
+                self.fs.get([self.path(f"{rel}/{n}") for n in result[MANIFEST_KEY]], [str(incoming / n) for n in result[MANIFEST_KEY]])
             for name, digest in result[MANIFEST_KEY].items():
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.get_file(self.path(f"{rel}/{name}"), str(incoming / name))  # makes the folders
                 if not (incoming / name).is_file() or file_digest(incoming / name) != digest:
                     if self.read_text(f"{rel}/{RESULT_FILE}") == text:  # not recommitted meanwhile
                         self.fs.rm_file(self.path(f"{rel}/{RESULT_FILE}"))

@@ -294,7 +294,7 @@ class Tracker:
 
         run_id, data = run.info.run_id, run.data
         sent = {(m.key, m.step) for key in data.metrics for m in client.get_metric_history(run_id, key)}
-        stamp = view.end_ms or view.start_ms or int(time.time() * 1000)
+        stamp = int(time.time() * 1000)  # a run's points in the order they were sent: live ones first
         client.log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v, step in view.metrics if (k, step) not in sent],
                          params=[Param(k, v) for k, v in view.params.items() if k not in data.params],
                          tags=[RunTag(k, v) for k, v in view.tags.items() if data.tags.get(k) != v])
