@@ -263,8 +263,7 @@ class Tracker:
         quoted = key.replace("'", "\\'")
         where = f"tags.{KEY_TAG} LIKE '{quoted}%'" if prefix else f"tags.{KEY_TAG} = '{quoted}'"
         found: dict[str, Any] = {}
-        for run in sorted(client.search_runs([self.experiment_id], where, max_results=50_000),
-                          key=lambda r: (r.info.start_time or 0, r.info.run_id)):
+        for run in client.search_runs([self.experiment_id], where, max_results=50_000, order_by=["attributes.start_time"]):  # then by id
             if run.data.tags[KEY_TAG] in found:
                 client.delete_run(run.info.run_id)
             else:
