@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -50,8 +51,9 @@ from flows.pipeline import (
     load_catalog, plan_asset, run_asset,
 )
 from flows.store import open_store
-from flows.tracking import Tracker, code_version, run_link, sync_pending
+from flows.tracking import Tracker, run_link, sync_pending
 from flows.workers import StagePool
+from stages.common import StepCallback
 
 log = logging.getLogger(__name__)
 SHEET_NAME = "contact_sheet.png"
@@ -81,11 +83,20 @@ _STAGE_POOL: StagePool | None = None
 
 
 @task(name="stage", task_run_name="{stage.asset_id}/{stage.spec.name}", cache_policy=NO_CACHE)
-def run_stage(stage: PlannedStage, force: bool) -> StageOutcome:
-    """Run or reuse one stage (its MLflow run is synced from the folder and the asset record), in a
-    worker process while `batch` runs assets in parallel."""
+def run_stage(stage: PlannedStage, force: bool, callback: StepCallback = None) -> StageOutcome:
+    """Run or reuse one stage (its MLflow run is synced from the folder and the asset record; `callback`
+    gets its steps, `Tracker.live`), in a worker process while `batch` runs assets in parallel."""
     execute = _STAGE_POOL.run if _STAGE_POOL is not None else execute_stage
-    return execute(stage, force)
+    return execute(stage, force, callback)
+
+
+def code_version() -> str:
+    """The git commit of the checkout this package runs from, or `unknown` (a tag of every run)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _asset_tags(plan: AssetPlan, catalog: str | None) -> dict[str, Any]:
@@ -139,7 +150,7 @@ def asset(
     )
 
     def execute(stage: PlannedStage, force: bool) -> StageOutcome:
-        return stage_task(stage, force)
+        return stage_task(stage, force, tracker.live(link, stage.name))
 
     rel = f"{plan.row.asset_id}/{ASSET_RECORD}"
     record = run_asset(plan, rerun_stage=rerun_stage, execute=execute, tracking=link, saved=lambda r: tracker.sync(plan.store, rel, dataclasses.asdict(r)))

@@ -35,7 +35,7 @@ import yaml
 from csd.models import ModelNotFoundError
 from flows.catalog import Catalog, CatalogError, CatalogRow, location, read_catalog
 from flows.store import Store, open_store
-from stages.common import RESULT_FILE, StageResult, StepCallback
+from stages.common import RESULT_FILE, StageResult, StepCallback, completed
 from stages.config import ConfigError, build_config, config_hash, load_preset
 from stages.identity import file_digest, source_fingerprint, weights_fingerprints
 
@@ -370,7 +370,9 @@ def execute_stage(stage: PlannedStage, force: bool = False, callback: StepCallba
     # a second run of the same stage (another batch, another worker) waits here, then reuses the result
     with store.lock(stage.directory):
         if not force:
-            done = store.reusable(stage.directory, stage.identity)
+            if completed(stage.directory, stage.identity) is not None:
+                store.push_stage(stage.directory)  # in a bucket root: a run that died between commit and upload
+            done = store.committed(stage.directory, stage.identity)
             if done is not None and not older_than_inputs(stage):
                 log.info("asset %s: %s reused (%s)", stage.asset_id, stage.name, stage.identity)
                 return StageOutcome(stage.name, "reused", stage.identity, result=done)
@@ -380,9 +382,8 @@ def execute_stage(stage: PlannedStage, force: bool = False, callback: StepCallba
                 raise InjectedFault(f"{FAULT_ENV} names {stage.asset_id}/{stage.name}")
             for upstream in stage.inputs.values():
                 store.pull_upstream(upstream)
-            store.pull_partial(stage.directory, stage.identity)
             result = stage.spec.load().run(stage.config, stage.directory, inputs=stage.inputs, identity=stage.identity,
-                                           callback=store.checkpoints(stage.directory, callback))
+                                           callback=store.checkpoints(stage.directory, stage.identity, callback))
             store.push_stage(stage.directory)
         except Exception as error:
             raise StageFailed(describe_failure(stage, error)) from error

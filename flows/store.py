@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import ContextManager, Protocol
 
 from stages.common import RESULT_FILE, StageResult, StepCallback, atomic_write_text, completed, stage_lock
+from stages.identity import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,9 @@ class Store(Protocol):
     def glob(self, pattern: str) -> list[str]: ...
     def committed(self, directory: Path, identity: str | None = None) -> StageResult | None: ...
     def lock(self, directory: Path) -> ContextManager[None]: ...  # the right to compute that stage
-    def reusable(self, directory: Path, identity: str) -> StageResult | None: ...
     def pull_upstream(self, directory: Path) -> None: ...  # an input stage into `local`
-    def pull_partial(self, directory: Path, identity: str) -> None: ...  # an unfinished run's checkpoint
-    def checkpoints(self, directory: Path, callback: StepCallback) -> StepCallback: ...  # step callback sharing them
-    def push_stage(self, directory: Path) -> None: ...  # commit a finished stage to the root
+    def checkpoints(self, directory: Path, identity: str, callback: StepCallback) -> StepCallback: ...  # shared resumes
+    def push_stage(self, directory: Path) -> None: ...  # commit a stage finished in `local` to the root
 
 
 @dataclass(frozen=True)
@@ -71,9 +70,6 @@ class FolderStore:
     url: str
     local: Path
     remote = None
-
-    def __str__(self) -> str:
-        return self.url
 
     def rel(self, path: Path) -> str:
         return Path(path).relative_to(self.local).as_posix()
@@ -106,28 +102,14 @@ class FolderStore:
     def lock(self, directory: Path) -> ContextManager[None]:
         return stage_lock(directory)
 
-    def reusable(self, directory: Path, identity: str) -> StageResult | None:
-        return completed(directory, identity)
-
     def pull_upstream(self, directory: Path) -> None:
         pass
 
-    def pull_partial(self, directory: Path, identity: str) -> None:
-        pass
-
-    def checkpoints(self, directory: Path, callback: StepCallback) -> StepCallback:
+    def checkpoints(self, directory: Path, identity: str, callback: StepCallback) -> StepCallback:
         return callback
 
     def push_stage(self, directory: Path) -> None:
         pass
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -149,10 +131,7 @@ class ObjectStore(FolderStore):
     def fs(self):
         import fsspec
 
-        try:
-            return fsspec.core.url_to_fs(self.url)[0]
-        except (ImportError, ValueError) as error:
-            raise StoreError(f"output root {self.url}: {error}") from error
+        return fsspec.core.url_to_fs(self.url)[0]  # fsspec caches file system instances
 
     def path(self, rel: str) -> str:
         return f"{self.url.rstrip('/')}/{rel}"
@@ -194,12 +173,6 @@ class ObjectStore(FolderStore):
     def lock(self, directory: Path) -> ContextManager[None]:
         return _Lease(self, f"{self.rel(directory)}.lock")
 
-    def reusable(self, directory: Path, identity: str) -> StageResult | None:
-        """Also uploads a stage this working copy committed but never uploaded (its run died in between)."""
-        if self.committed(directory, identity) is None and completed(directory, identity) is not None:
-            self.push_stage(directory)
-        return self.committed(directory, identity)
-
     def pull_upstream(self, directory: Path) -> None:
         """Raises StoreError when the root has no committed stage there, or a file does not match."""
         if not Path(directory).is_relative_to(self.local):
@@ -214,11 +187,10 @@ class ObjectStore(FolderStore):
         # downloaded beside it, then renamed into place: two workers sharing this working copy may pull at once
         incoming, old = (local.with_name(f".{local.name}.{what}-{uuid.uuid4().hex[:8]}") for what in ("pull", "old"))
         try:
+            with contextlib.suppress(FileNotFoundError):  # a missing file is named below
+                self.fs.get([self.path(f"{rel}/{n}") for n in result[MANIFEST_KEY]], [str(incoming / n) for n in result[MANIFEST_KEY]])
             for name, digest in result[MANIFEST_KEY].items():
-                (incoming / name).parent.mkdir(parents=True, exist_ok=True)
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.get_file(self.path(f"{rel}/{name}"), str(incoming / name))
-                if not (incoming / name).is_file() or _sha256(incoming / name) != digest:
+                if not (incoming / name).is_file() or file_digest(incoming / name) != digest:
                     if self.read_text(f"{rel}/{RESULT_FILE}") == text:  # not recommitted meanwhile
                         self.fs.rm_file(self.path(f"{rel}/{RESULT_FILE}"))
                     raise StoreError(f"stage {rel} in {self.url}: {name} does not match its manifest (missing or changed: an "
@@ -232,28 +204,23 @@ class ObjectStore(FolderStore):
             shutil.rmtree(old, ignore_errors=True)
         log.info("stage %s: pulled from %s", rel, self.url)
 
-    def pull_partial(self, directory: Path, identity: str) -> None:
-        """The root's checkpoint of an unfinished run with this identity, so it resumes where any machine left it."""
-        rel, partial = self.rel(directory) + PARTIAL, Path(str(directory) + PARTIAL)
+    def checkpoints(self, directory: Path, identity: str, callback: StepCallback) -> StepCallback:
+        """Pulls the root's checkpoint of an unfinished run with this identity (so it resumes where any
+        machine left it) and returns `callback`, uploading `<stage>.partial/checkpoint.pt` whenever it
+        changed. The step callback is the one explicit hook every stage takes; a checkpoint saved after
+        step n's callback goes up at step n + 1's (a failed upload only warns: a resume elsewhere would
+        start further back)."""
+        partial, rel = Path(str(directory) + PARTIAL), self.rel(directory) + PARTIAL
         if self.read_text(f"{rel}/identity.txt") == identity:
-            partial.mkdir(parents=True, exist_ok=True)
-            for key in self.glob(f"{rel}/*"):
-                self.fs.get_file(self.path(key), str(partial / ".pull"))
-                os.replace(partial / ".pull", partial / key.rsplit("/", 1)[-1])
-
-    def checkpoints(self, directory: Path, callback: StepCallback) -> StepCallback:
-        """`callback`, uploading `<stage>.partial/checkpoint.pt` whenever it changed. The step callback
-        is the one explicit hook every stage takes; a checkpoint saved after step n's callback goes up
-        at step n + 1's (a failed upload only warns: a resume elsewhere would start further back)."""
-        partial, seen = Path(str(directory) + PARTIAL), {}
+            self.fs.get(self.path(rel) + "/", str(partial) + "/", recursive=True)
+        seen = [None]
 
         def step(number: int, metrics: dict[str, float]) -> None:
             with contextlib.suppress(FileNotFoundError):
-                if seen.setdefault("stamp", None) != (stamp := (partial / "checkpoint.pt").stat().st_mtime_ns):
-                    seen["stamp"] = stamp
+                if seen[0] != (stamp := (partial / "checkpoint.pt").stat().st_mtime_ns):
+                    seen[0] = stamp
                     try:
-                        for name in ("identity.txt", "checkpoint.pt"):
-                            self.fs.put_file(str(partial / name), self.path(f"{self.rel(partial)}/{name}"))
+                        self.fs.put([str(partial / n) for n in ("identity.txt", "checkpoint.pt")], self.path(rel) + "/")
                     except Exception as error:  # noqa: BLE001 — any storage error; the stage goes on
                         log.warning("could not upload checkpoint %s to %s: %s", partial, self.url, error)
             if callback is not None:
@@ -267,14 +234,13 @@ class ObjectStore(FolderStore):
         stage that the manifest does not name, from an older commit, are ignored by every reader.)"""
         directory, rel = Path(directory), self.rel(directory)
         result = json.loads((directory / RESULT_FILE).read_text())
-        manifest = result.get(MANIFEST_KEY) or {p.relative_to(directory).as_posix(): _sha256(p)
+        manifest = result.get(MANIFEST_KEY) or {p.relative_to(directory).as_posix(): file_digest(p)
                                                 for p in sorted(directory.rglob("*")) if p.is_file() and p.name != RESULT_FILE}
         if self._result(rel)[1].get(MANIFEST_KEY) == manifest:
             return
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(f"{rel}/{RESULT_FILE}"))  # uncommit the older stage first
-        for name in manifest:
-            self.fs.put_file(str(directory / name), self.path(f"{rel}/{name}"))
+        self.fs.put([str(directory / name) for name in manifest], [self.path(f"{rel}/{name}") for name in manifest])
         committed = json.dumps({**result, MANIFEST_KEY: manifest}, indent=2)
         self.fs.pipe_file(self.path(f"{rel}/{RESULT_FILE}"), committed.encode())
         atomic_write_text(directory / RESULT_FILE, committed)
@@ -304,20 +270,17 @@ class _Lease:
         self._renewer = threading.Thread(target=self._renew, daemon=True, name=f"lease {rel}")
 
     def _generations(self) -> list[int]:
-        return sorted(int(name) for key in self.store.glob(f"{self.rel}/*") if (name := key.rsplit("/", 1)[1]).isdigit())
+        return sorted(int(name) for key in self.store.glob(f"{self.rel}/*") if (name := key.rsplit("/", 1)[1]).isdigit()) or [-1]
 
-    def _top(self) -> tuple[int, dict]:
-        top = (self._generations() or [-1])[-1]
-        return top, json.loads(self.store.read_text(f"{self.rel}/{top}") or "{}") if top >= 0 else {}
-
-    def _write(self, generation: int, expires: float, mode: str) -> None:
+    def _write(self, generation: int, expires: float, mode: str = "overwrite") -> None:
         body = json.dumps({"owner": self.owner, "expires": expires}).encode()
         self.store.fs.pipe_file(self.store.path(f"{self.rel}/{generation}"), body, mode=mode)
 
     def __enter__(self) -> "_Lease":
         waited = False
         while self.generation < 0:
-            top, holder = self._top()
+            top = self._generations()[-1]
+            holder = json.loads(self.store.read_text(f"{self.rel}/{top}") or "{}")
             if holder.get("expires", 0) < time.time():
                 with contextlib.suppress(FileExistsError):  # another machine took it first
                     self._write(top + 1, time.time() + self.seconds, "create")
@@ -327,7 +290,7 @@ class _Lease:
                 log.info("stage %s is being computed by %s; waiting", self.rel, holder.get("owner"))
                 waited = True
             time.sleep(self.poll)
-        for older in [g for g in self._generations() if g < self.generation]:
+        for older in self._generations()[:-1]:
             with contextlib.suppress(FileNotFoundError):
                 self.store.fs.rm_file(self.store.path(f"{self.rel}/{older}"))
         self._renewer.start()
@@ -336,17 +299,17 @@ class _Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.seconds / 3):
             try:
-                if self._top()[0] != self.generation:
+                if self._generations()[-1] != self.generation:
                     return log.error("lease %s was taken over (this run paused longer than %.0f s?)", self.rel, self.seconds)
-                self._write(self.generation, time.time() + self.seconds, "overwrite")
+                self._write(self.generation, time.time() + self.seconds)
             except Exception as error:  # noqa: BLE001 — any storage error; the stage goes on, the lease may lapse
                 log.warning("could not renew lease %s: %s", self.rel, error)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._renewer.join()
-        if self._top()[0] == self.generation:
-            self._write(self.generation, 0.0, "overwrite")
+        if self._generations()[-1] == self.generation:
+            self._write(self.generation, 0.0)
 
 
 def open_store(out: "Store | str | Path", work_dir: Path | None = None) -> Store:

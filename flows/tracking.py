@@ -4,8 +4,9 @@ Every run is made from records that exist anyway: a stage run from its folder (`
 `config.yaml`, `history.json`, previews, files) and its entry in `<asset>/asset.json`; an asset run
 from that record; a batch run from `batches/<batch_id>/batch.json` (with the asset records it
 collected). `Tracker.sync` finds each run by its tag `csd_key`, creates a missing one under its
-parent, sends only what it lacks (params, metric history via `log_batch`, artifacts, tags, status),
-then tags it with a digest of what it projected: syncing again costs one search and sends nothing.
+parent, sends only what it lacks (params, metric points, artifacts, tags, status), then tags it with
+a digest of what it projected: syncing again costs one search and sends nothing. While a stage runs,
+`Tracker.live` sends its metric points the same way, so a long stage can be watched in the UI.
 
 No spool: a failed sync loses nothing, the files stay. With the server down the work goes on (a
 warning; later syncs in that process give up at once instead of waiting out HTTP retries, bounded
@@ -16,13 +17,14 @@ The tracking URI is `MLFLOW_TRACKING_URI`, else `<out>/mlflow.db` with artifacts
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from stages.common import StepCallback
 from stages.config import flatten
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,8 @@ DATABASE, ARTIFACTS, PENDING = "mlflow.db", "mlartifacts", ".tracking-pending"
 KEY_TAG, DIGEST_TAG = "csd_key", "csd_synced"
 METRIC_EVERY = 10
 """Log the step metrics of every 10th step (and the first and last) of a stage's history."""
+LIVE_SECONDS = 30.0
+"""`Tracker.live` sends a running stage's new points at most this often (the first at once)."""
 REVIEWABLE = (".png", ".gif", ".jpg", ".jpeg", ".mp4", ".glb", ".gltf", ".obj", ".mtl", ".ply", ".json", ".yaml", ".txt")
 """Stage files logged as artifacts; weights and checkpoints (.safetensors, .pt) stay in the stage directory."""
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "running": "RUNNING"}
@@ -51,29 +56,14 @@ _LOCK = threading.Lock()
 """One sync at a time per process: SQLite has a single writer, and assets may run in threads."""
 
 
-def default_uri(out: Path) -> str:
-    return f"sqlite:///{(Path(out) / DATABASE).resolve()}"
-
-
 def tracking_uri(out: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_uri(out)
-
-
-def code_version() -> str:
-    """The git commit of the checkout this package runs from, or `unknown`."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(out) / DATABASE).resolve()}"
 
 
 def experiment_link(server: str, experiment_id: str | None) -> str:
     """The experiment's runs table on an MLflow server (or `mlflow ui`) at `server`; the list of
     experiments when the id is not known (the server was down)."""
-    if experiment_id is None:
-        return f"{server.rstrip('/')}/#/experiments"
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}{RUNS_VIEW}"
+    return f"{server.rstrip('/')}/#/experiments" + (f"/{experiment_id}{RUNS_VIEW}" if experiment_id else "")
 
 
 def experiment_id_of(uri: str, name: str) -> str | None:
@@ -131,6 +121,11 @@ def _json(store, rel: str) -> Any:
     return json.loads(text) if text else None
 
 
+def _logged(step: int) -> bool:
+    """Whether a stage's history point at `step` is logged (its last point is too, see `_stage_view`)."""
+    return step == 1 or step % METRIC_EVERY == 0
+
+
 def _stage_view(store, asset: dict[str, Any], name: str, entry: dict[str, Any]) -> RunView:
     """The stage's run: status and error from the asset record's `entry`; config, metrics, history and
     files from the stage folder while it still holds this identity (a later run may have replaced it)."""
@@ -148,7 +143,7 @@ def _stage_view(store, asset: dict[str, Any], name: str, entry: dict[str, Any]) 
         summary = {**result.get("metrics", {}), **{f"time_{k}": v for k, v in result.get("timings", {}).items()}}
         history = (_json(store, f"{rel}/history.json") or []) if "history" in result.get("outputs", {}) else []
         for i, step in enumerate(history):
-            if step["step"] == 1 or step["step"] % METRIC_EVERY == 0 or i == len(history) - 1:
+            if _logged(step["step"]) or i == len(history) - 1:
                 view.metrics += [(k, float(v), int(step["step"])) for k, v in step.items() if k != "step" and v is not None]
         if entry["status"] == "ran":
             previews = set(result.get("previews", []))
@@ -193,19 +188,17 @@ class Tracker:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
         self.experiment_id: str | None = None
         self.failures: list[str] = []
+        """What failed, first the reason this tracker gave up."""
         self.run_ids: dict[str, str] = {}
         """`csd_key` → run id of the runs this tracker synced."""
         self._client = None
-        self._gave_up = False
 
     @classmethod
     def for_output(cls, out: Path, experiment: str) -> "Tracker":
-        uri = tracking_uri(out)
-        # a server stores artifacts where it is configured to; a local database keeps them next to it
-        local = uri == default_uri(out)
-        if local:
-            Path(out).mkdir(parents=True, exist_ok=True)
-        return cls(uri, experiment, (Path(out) / ARTIFACTS).resolve().as_uri() if local else None)
+        if os.environ.get("MLFLOW_TRACKING_URI"):  # a server stores artifacts where it is configured to
+            return cls(tracking_uri(out), experiment)
+        Path(out).mkdir(parents=True, exist_ok=True)  # a local database keeps them next to it
+        return cls(tracking_uri(out), experiment, (Path(out) / ARTIFACTS).resolve().as_uri())
 
     def link(self) -> dict[str, Any]:
         """What a record needs to be synced later, by any process: the store and the experiment."""
@@ -216,24 +209,41 @@ class Tracker:
         there); False (and `rel` listed in `<out>/.tracking-pending/`) when that is not done yet."""
         marker = f"{PENDING}/{hashlib.sha256(rel.encode()).hexdigest()[:16]}.txt"
         record = record or _json(store, rel)
+        views = lambda: (batch_views if "assets" in record else asset_views)(store, record)  # noqa: E731
+        if record is None or self._push(rel, store, views):  # None: removed since it was listed
+            store.remove(marker)
+            return True
+        store.write_text(marker, rel)
+        return False
+
+    def live(self, link: dict[str, Any], stage: str) -> StepCallback:
+        """A step callback for stage `stage` of the asset record whose `tracking` is `link`: it sends the
+        points `sync` logs as they come (the first at once, then at most every `LIVE_SECONDS`) to the
+        stage's run, found or made as `sync` does; the stage's sync then sends only what is missing."""
+        view, sent_at = RunView(f"{link['stage_prefix']}/{stage}", stage, link["key"], {}), [float("-inf")]
+
+        def step(number: int, metrics: dict[str, float]) -> None:
+            if _logged(number):
+                view.metrics += [(k, float(v), number) for k, v in metrics.items() if v is not None]
+            if view.metrics and not self.failures and time.monotonic() - sent_at[0] >= LIVE_SECONDS:
+                sent_at[0] = time.monotonic()
+                if self._push(f"{view.key} (live)", None, lambda: [view]):
+                    view.metrics = []
+
+        return step
+
+    def _push(self, what: str, store, views) -> bool:
         try:
-            if record is None:  # removed since it was listed
-                store.remove(marker)
-                return True
-            if self._gave_up:
+            if self.failures:
                 raise ConnectionError(f"not tried again after: {self.failures[0]}")
-            views = batch_views(store, record) if "assets" in record else asset_views(store, record)
             with _LOCK:
-                self._sync(store, views)
+                self._sync(store, views())
+            return True
         except Exception as error:
-            self._gave_up = True
             log.warning("MLflow: %s not synced (%s: %s); the pipeline goes on, `csd-asset sync-tracking` syncs it later",
-                        rel, type(error).__name__, error)
-            self.failures.append(f"{rel}: {type(error).__name__}: {error}"[:500])
-            store.write_text(marker, rel)
+                        what, type(error).__name__, error)
+            self.failures.append(f"{what}: {type(error).__name__}: {error}"[:500])
             return False
-        store.remove(marker)
-        return True
 
     def _connect(self):
         from mlflow import MlflowClient
@@ -241,37 +251,23 @@ class Tracker:
 
         if self._client is None:
             client = MlflowClient(tracking_uri=self.uri)
-            experiment = client.get_experiment_by_name(self.experiment)
-            if experiment is None:
-                try:
+            if client.get_experiment_by_name(self.experiment) is None:
+                with contextlib.suppress(MlflowException):  # another process created it first
                     client.create_experiment(self.experiment, artifact_location=self.artifact_location, tags=EXPERIMENT_TAGS)
-                except MlflowException:  # another process created it first
-                    pass
-                experiment = client.get_experiment_by_name(self.experiment)
-            for key, value in EXPERIMENT_TAGS.items():
-                if experiment.tags.get(key) != value:  # an experiment made before the tag existed
-                    client.set_experiment_tag(experiment.experiment_id, key, value)
-            self._client, self.experiment_id = client, experiment.experiment_id
+            self._client, self.experiment_id = client, client.get_experiment_by_name(self.experiment).experiment_id
         return self._client
 
     def _runs(self, client, key: str, prefix: bool = False) -> dict[str, Any]:
-        """The live runs whose key is `key` (or starts with it), by key; of duplicates (two processes
-        created the same run at once) the oldest is kept and the others are deleted."""
+        """The live runs whose key is `key` (or starts with it; a batch's runs fit in one page of 50 000),
+        by key; of duplicates (two processes created one run at once) the oldest stays, the others go."""
         quoted = key.replace("'", "\\'")
         where = f"tags.{KEY_TAG} LIKE '{quoted}%'" if prefix else f"tags.{KEY_TAG} = '{quoted}'"
-        runs, token = [], None
-        while True:
-            page = client.search_runs([self.experiment_id], filter_string=where, max_results=1000, page_token=token)
-            runs += page
-            if not (token := page.token):
-                break
         found: dict[str, Any] = {}
-        for run in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
-            run_key = run.data.tags[KEY_TAG]
-            if run_key in found:
+        for run in client.search_runs([self.experiment_id], where, max_results=50_000, order_by=["attributes.start_time"]):  # then by id
+            if run.data.tags[KEY_TAG] in found:
                 client.delete_run(run.info.run_id)
-            elif run_key == key or prefix:
-                found[run_key] = run
+            else:
+                found[run.data.tags[KEY_TAG]] = run
         return found
 
     def _sync(self, store, views: list[RunView]) -> None:
@@ -282,40 +278,35 @@ class Tracker:
                 runs.update(self._runs(client, view.parent))
                 if view.parent not in runs:
                     raise LookupError(f"its parent run {view.parent!r} is not in MLflow yet")
-            run = runs.get(view.key)
-            if run is None:
+            if view.key not in runs:
                 tags = {KEY_TAG: view.key, **({"mlflow.parentRunId": runs[view.parent].info.run_id} if view.parent else {})}
                 client.create_run(self.experiment_id, start_time=view.start_ms, tags=tags, run_name=view.name)
-                run = runs[view.key] = self._runs(client, view.key)[view.key]
-            self.run_ids[view.key] = run.info.run_id
-            if run.data.tags.get(DIGEST_TAG) != view.digest():
-                self._send(client, store, run, view)
+                runs[view.key] = self._runs(client, view.key)[view.key]
+            self.run_ids[view.key] = runs[view.key].info.run_id
+            if runs[view.key].data.tags.get(DIGEST_TAG) != view.digest():
+                self._send(client, store, runs[view.key], view)
 
     def _send(self, client, store, run, view: RunView) -> None:
-        """Send what `run` lacks of `view` (params already set are immutable in MLflow and kept)."""
+        """Send what `run` lacks of `view`: params not yet set (MLflow's are immutable), metric points by
+        (name, step), so none goes twice (a cut-short sync, `live`), and the files, whole."""
         from mlflow.entities import Metric, Param, RunTag
 
         run_id, data = run.info.run_id, run.data
-        tags = [RunTag(k, v) for k, v in view.tags.items() if data.tags.get(k) != v]
-        params = [Param(k, v) for k, v in view.params.items() if k not in data.params]
-        sent = {(m.key, m.step) for key in {m[0] for m in view.metrics} if key in data.metrics
-                for m in client.get_metric_history(run_id, key)}
-        stamp = view.end_ms or view.start_ms or 0
-        metrics = [Metric(k, v, stamp, step) for k, v, step in view.metrics if (k, step) not in sent]
-        for i in range(0, max(len(tags), len(params), -(-len(metrics) // 8)), 100):  # MLflow: 1000 items in all, 100 params, 100 tags
-            client.log_batch(run_id, metrics=metrics[8 * i : 8 * (i + 100)], params=params[i : i + 100], tags=tags[i : i + 100])
-        folders = {folder for _, folder in view.files} | {None}
-        listed = {a.path for folder in folders for a in client.list_artifacts(run_id, folder)}
-        with tempfile.TemporaryDirectory() as scratch:  # files come through the store: any machine can sync
-            for rel, folder in view.files:
-                name = Path(rel).name
-                if (f"{folder}/{name}" if folder else name) not in listed and (data := store.read_bytes(rel)) is not None:
-                    (Path(scratch) / name).write_bytes(data)
-                    client.log_artifact(run_id, str(Path(scratch) / name), folder)
-        for name, text in view.texts.items():
-            if name not in listed:
-                client.log_text(run_id, text, name)
-        if view.status != "RUNNING" and (run.info.status != view.status or view.end_ms not in (None, run.info.end_time)):
+        sent = {(m.key, m.step) for key in data.metrics for m in client.get_metric_history(run_id, key)}
+        stamp = int(time.time() * 1000)  # a run's points in the order they were sent: live ones first
+        client.log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v, step in view.metrics if (k, step) not in sent],
+                         params=[Param(k, v) for k, v in view.params.items() if k not in data.params],
+                         tags=[RunTag(k, v) for k, v in view.tags.items() if data.tags.get(k) != v])
+        if view.files or view.texts:
+            with tempfile.TemporaryDirectory() as scratch:  # files come through the store: any machine can sync
+                for rel, folder in view.files:
+                    if (content := store.read_bytes(rel)) is not None:
+                        (Path(scratch) / (folder or "")).mkdir(exist_ok=True)
+                        (Path(scratch) / (folder or "") / Path(rel).name).write_bytes(content)
+                for name, text in view.texts.items():
+                    (Path(scratch) / name).write_text(text)
+                client.log_artifacts(run_id, scratch)
+        if view.status != "RUNNING":
             client.set_terminated(run_id, view.status, end_time=view.end_ms)
         client.set_tag(run_id, DIGEST_TAG, view.digest())
 
@@ -324,12 +315,11 @@ def sync_pending(store) -> list[str]:
     """Sync every record listed in `<out>/.tracking-pending/` (batches first: they hold the parents),
     each to the store and experiment it names; returns the records still pending."""
     trackers: dict[tuple, Tracker] = {}
-    pending = sorted((store.read_text(rel) or "" for rel in store.glob(f"{PENDING}/*.txt")), key=lambda r: not r.startswith("batches/"))
     left = []
-    for rel in filter(None, pending):
+    for rel in sorted(filter(None, map(store.read_text, store.glob(f"{PENDING}/*.txt"))), key=lambda r: not r.startswith("batches/")):
         link = (_json(store, rel) or {}).get("tracking") or {}
-        uri = link.get("uri") or tracking_uri(store.local)
-        tracker = trackers.setdefault((uri, link.get("experiment")), Tracker(uri, link.get("experiment") or "csd-asset", link.get("artifact_location")))
+        uri, experiment = link.get("uri") or tracking_uri(store.local), link.get("experiment") or "csd-asset"
+        tracker = trackers.setdefault((uri, experiment), Tracker(uri, experiment, link.get("artifact_location")))
         if not tracker.sync(store, rel):
             left.append(f"{rel}: {tracker.failures[-1]}")
     return left

@@ -62,9 +62,10 @@ class StagePool:
     Assets in threads of one process share the GIL and torch's intra-op pool, and mostly wait on
     each other (issue 20: 1.13× on 2 cores at `--parallel 2`); `workers` processes with
     `usable_cores() // workers` torch threads each keep every core busy. Prefect task runs and
-    MLflow logging stay in the batch's process (the task thread waits on its stage and relays the
-    stage's per-step metrics to a callback, when given one); a worker holds only torch and the stage code, and loads the
-    prior once for all the stages it runs (on a GPU, one copy per worker)."""
+    MLflow logging stay in the batch's process (the task thread waits on its stage and relays each
+    step's metrics to the callback, `Tracker.live`: one queue put per step, small against a step);
+    a worker holds only torch and the stage code, and loads the prior once for all the stages it
+    runs (on a GPU, one copy per worker)."""
 
     def __init__(self, workers: int):
         self.workers = workers

@@ -102,7 +102,9 @@ def test_mlflow_holds_batch_asset_stage_runs_with_params_metrics_and_previews(fa
     nerf = red["nerf"]
     assert nerf.data.params["steps"] == "12" and nerf.data.params["prompt"] == "a red cube"
     assert nerf.data.params["model.model"] == "toy" or "model.model" in nerf.data.params
-    assert [m.step for m in client.get_metric_history(nerf.info.run_id, "loss")] == [1, 10, 12], "every 10th step, first and last"
+    loss = client.get_metric_history(nerf.info.run_id, "loss")
+    assert [m.step for m in loss] == [1, 10, 12], "every 10th step, first and last, each once"
+    assert loss[0].timestamp < loss[-1].timestamp, "step 1 came live, from the worker process, before the stage finished"
     assert {"grad_norm", "t", "step_time"} <= set(nerf.data.metrics)
     listed = {a.path for a in client.list_artifacts(nerf.info.run_id)}
     assert {"config.yaml", "result.json", "previews"} <= listed

@@ -111,7 +111,7 @@ def test_a_changed_stage_source_replans_it_and_an_unchanged_tree_reuses_it(tmp_p
         handle.write("\n# a behaviour change in the mesh stage\n")
     changed = _identities(plan_asset(row, tmp_path / "out", overrides=tiny))
     assert [name for name in changed if changed[name] != _identities(unchanged)[name]] == ["mesh", "uv", "texture", "export"]
-    assert plan.store.reusable(plan.stage("mesh").directory, changed["mesh"]) is None, "the committed mesh is not reused"
+    assert plan.store.committed(plan.stage("mesh").directory, changed["mesh"]) is None, "the committed mesh is not reused"
 
     with (source / "csd" / "fields.py").open("a") as handle:  # imported by nerf, mesh and uv
         handle.write("\n# a change to the field\n")

@@ -19,7 +19,7 @@ from flows.tracking import KEY_TAG, PENDING, Tracker
 from stages.common import StageResult, StageWorkspace
 
 EXPERIMENT = "sync"
-WRITES = ("create_run", "log_batch", "log_artifact", "log_text", "set_terminated", "set_tag", "delete_run", "create_experiment")
+WRITES = ("create_run", "log_batch", "log_artifacts", "set_terminated", "set_tag", "delete_run", "create_experiment")
 
 
 def _server_down(patch: pytest.MonkeyPatch, calls: tuple[str, ...] = ("get_experiment_by_name", "search_runs", *WRITES)) -> None:
@@ -132,7 +132,7 @@ def test_a_sync_cut_short_completes_later_without_sending_anything_twice(tmp_pat
     asset = "red/asset.json"
     with monkeypatch.context() as patch:  # the asset flow syncs before its batch run exists: it waits for its parent
         assert not Tracker(uri, EXPERIMENT, link["artifact_location"]).sync(store, asset)
-        _server_down(patch, ("log_artifact",))  # the server goes away as the first file is uploaded
+        _server_down(patch, ("log_artifacts",))  # the server goes away as the first files are uploaded
         tracker = Tracker(uri, EXPERIMENT, link["artifact_location"])
         assert not tracker.sync(store, batch) and "connection refused" in tracker.failures[0]
     assert len(store.glob(f"{PENDING}/*.txt")) == 2
@@ -187,3 +187,40 @@ def test_the_experiment_link_names_the_experiment_or_lists_them_all(tmp_path):
     assert experiment_id_of(uri, "never-made") is None
     assert experiment_link("http://127.0.0.1:5000/", made) == f"http://127.0.0.1:5000/#/experiments/{made}{RUNS_VIEW}"
     assert experiment_link("http://127.0.0.1:5000", None) == "http://127.0.0.1:5000/#/experiments", "never /experiments/None"
+
+
+def test_a_running_stage_shows_its_points_live_and_the_final_sync_sends_none_twice(tmp_path, empty_store, monkeypatch):
+    store, uri, link, batch = _root(tmp_path, empty_store)
+    tracker = Tracker(uri, EXPERIMENT, link["artifact_location"])
+    record = json.loads(store.read_text(batch))
+    assert tracker.sync(store, batch, {**record, "assets": {}}), "the batch run, before its asset ran"
+    running = {**record["assets"]["red"], "status": "running", "stages": {"nerf": {"status": "running", "identity": "id-nerf"}}}
+    assert tracker.sync(store, "red/asset.json", running), "the asset run, as its first stage starts"
+    client = MlflowClient(uri)
+
+    def loss_in_mlflow() -> list:
+        (run,) = client.search_runs([tracker.experiment_id], f"tags.{KEY_TAG} = 'batch/B1/red/nerf'")
+        return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+
+    live = tracker.live(running["tracking"], "nerf")
+    live(1, {"loss": 1.0})
+    live(2, {"loss": 0.5})
+    assert loss_in_mlflow() == [(1, 1.0)], "step 1 is in the stage's run at once; step 2 is not a logged step"
+    monkeypatch.setattr("flows.tracking.LIVE_SECONDS", 0.0)
+    for step in range(3, 13):
+        live(step, {"loss": 1 / step})
+    assert loss_in_mlflow() == [(1, 1.0), (10, 0.1)], "every 10th step while the stage runs"
+    assert tracker.sync(store, batch)
+    assert loss_in_mlflow() == [(1, 1.0), (10, 0.1), (12, 1 / 12)], "the final sync adds the last point, none twice"
+    assert len(_state(uri)) == 4, "the live run is the stage's run, not a second one"
+
+
+def test_a_server_down_while_a_stage_runs_warns_once_and_the_stage_goes_on(tmp_path, empty_store, monkeypatch, caplog):
+    store, uri, link, batch = _root(tmp_path, empty_store)
+    tracker = Tracker(uri, EXPERIMENT, link["artifact_location"])
+    monkeypatch.setattr("flows.tracking.LIVE_SECONDS", 0.0)
+    _server_down(monkeypatch)
+    live = tracker.live(json.loads(store.read_text("red/asset.json"))["tracking"], "nerf")
+    for step in range(1, 31):
+        live(step, {"loss": 1 / step})
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1 and "connection refused" in tracker.failures[0]
