@@ -21,7 +21,7 @@ import argparse
 import json
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,8 @@ from nerf_quality import METHODS, PROMPTS  # noqa: E402  (the same prompts and m
 
 STAGES = ("nerf", "mesh", "uv", "texture")
 CELL = 96
+SCORES = "scores.json"
+"""A run's scores, with the fingerprint of what they depend on (`_scorer_fingerprint`)."""
 
 
 def _one(job: dict) -> dict:
@@ -40,7 +42,7 @@ def _one(job: dict) -> dict:
     import nerf_quality
 
     from stages import mesh, texture, uv
-    from stages.common import completed
+    from stages.common import atomic_write_text, completed
     from stages.config import build_config, load_preset
     from stages.score import score_stage
 
@@ -61,11 +63,33 @@ def _one(job: dict) -> dict:
         identity = f"bench-{name}-{json.dumps(texture_overrides, sort_keys=True) if name == 'texture' else ''}"
         if completed(later / name, identity) is None:
             module.run(config, later / name, inputs=inputs, identity=identity)
+    # scores are kept beside the run with the scorer's fingerprint: a re-run re-scores only when the
+    # scorer (stages.score and what it imports, the evaluator's weights) or a stage changed
+    scorer = _scorer_fingerprint(run_dir)
+    cached = _read_json(run_dir / SCORES)
+    if cached is not None and cached.get("scorer") == scorer:
+        return {**job, "dir": str(run_dir), "scores": cached["scores"]}
     # the nerf is scored at the level its mesh was extracted at: stages.score reads <asset>/mesh/stats.json
     scores = {"nerf": _score_nerf(nerf_dir, later, job["prompt"])}
     for name in ("mesh", "uv", "texture"):
         scores[name] = score_stage(name, later / name, job["prompt"])
+    atomic_write_text(run_dir / SCORES, json.dumps({"scorer": scorer, "scores": scores}, indent=2))
     return {**job, "dir": str(run_dir), "scores": scores}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _scorer_fingerprint(run_dir: Path) -> str:
+    """What the scores depend on: the scoring code, the evaluator's weights and each stage's result."""
+    from stages.identity import evaluator_fingerprint, file_digest, source_fingerprint
+
+    stages = [run_dir / "result.json"] + [run_dir / "pipeline" / name / "result.json" for name in ("mesh", "uv", "texture")]
+    return ":".join([source_fingerprint("stages.score"), evaluator_fingerprint(), *(file_digest(f) for f in stages)])
 
 
 def _score_nerf(nerf_dir: Path, later: Path, prompt: str) -> dict:
@@ -122,6 +146,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from stages.common import atomic_write_text
+
     methods, prompts = args.methods.split(","), PROMPTS[: args.prompts]
     key = lambda r: (r["method"], r["prompt"], r["seed"], r["steps"], r["texture_steps"], r["preset"])  # noqa: E731
     path = args.out / "results.json"
@@ -134,12 +160,17 @@ def main() -> None:
          "out": str(args.out)}
         for m in methods for p in prompts for s in sorted(seeds)
     ]
-    with ProcessPoolExecutor(args.jobs) as pool:
-        new = list(pool.map(_one, jobs))
-    results = [r for r in earlier if key(r) not in {key(n) for n in new}] + new
     args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    results = [r for r in new]
+    new: list[dict] = []
+    with ProcessPoolExecutor(args.jobs) as pool:
+        # results.json is rewritten as each run finishes, so an interrupted benchmark keeps what it did
+        for future in as_completed([pool.submit(_one, job) for job in jobs]):
+            new.append(future.result())
+            done = {key(n) for n in new}
+            atomic_write_text(path, json.dumps([r for r in earlier if key(r) not in done] + new, indent=2))
+            print(f"[{len(new)}/{len(jobs)}] {new[-1]['method']} {new[-1]['prompt']} seed {new[-1]['seed']}", flush=True)
+    order = {key(job): i for i, job in enumerate(jobs)}
+    results = sorted(new, key=lambda r: order[key(r)])
     print(f"\n{len(prompts)} prompts x seeds {sorted(seeds)}, preset {args.preset}\n")
     print("| method | stage | shape_iou mean | min | quartiles | colour_error mean | min | quartiles | open-set colour | open-set shape |")
     print("|---|---|---|---|---|---|---|---|---|---|")
