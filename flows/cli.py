@@ -175,20 +175,19 @@ def status(args: argparse.Namespace) -> int:
 def _print_outputs(out: str, asset_ids: list[str]) -> None:
     from flows.pipeline import AssetRecord
     from flows.store import open_store
-    from flows.tracking import experiment_id_of, experiment_link, tracking_uri
+    from flows.tracking import experiment_link, tracking_uri
 
     store = open_store(out)
-    experiment = None
+    experiment_id = None
     for asset_id in asset_ids:
         record = AssetRecord.load(store, asset_id)
-        experiment = (record.tracking.get("experiment") if record else None) or experiment
+        experiment_id = (record.tracking.get("experiment_id") if record else None) or experiment_id
         done = [name for name, entry in (record.stages if record else {}).items() if entry.get("status") in ("ran", "reused")]
         glbs = store.glob(f"{asset_id}/{done[-1]}/*.glb") if done else []
         print(f"{asset_id}: {store.path(glbs[0]) if glbs else (store.path(f'{asset_id}/{done[-1]}') if done else 'nothing finished')}")
     uri = tracking_uri(store.local)
     server = "http://127.0.0.1:5000" if uri.startswith("sqlite") else uri
     review = f"mlflow ui --backend-store-uri {uri} --port 5000, then " if uri.startswith("sqlite") else ""
-    experiment_id = experiment_id_of(uri, experiment) if experiment else None
     print(f"MLflow: {uri}\n  review with: {review}open {experiment_link(server, experiment_id)}")
 
 

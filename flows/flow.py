@@ -51,7 +51,7 @@ from flows.pipeline import (
     load_catalog, plan_asset, run_asset,
 )
 from flows.store import open_store
-from flows.tracking import Tracker, run_link, sync_pending
+from flows.tracking import Tracker, run_link, sync_pending, tracking_uri
 from flows.workers import StagePool
 from stages.common import StepCallback
 
@@ -115,10 +115,9 @@ def _asset_link(plan: AssetPlan, tracking: dict[str, Any] | None, rerun: bool) -
     previous = AssetRecord.load(plan.store, plan.row.asset_id)
     earlier = previous.tracking if previous else {}
     if rerun and earlier.get("key"):
-        tracker = Tracker(earlier["uri"], earlier["experiment"], earlier.get("artifact_location"))
+        tracker = Tracker(earlier["uri"], earlier["experiment"])
         return tracker, {**earlier, "stage_prefix": f"{earlier['key']}/rerun-{flow_run.id or uuid.uuid4().hex}", "rerun": True}
-    tracker = Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_location")) if tracking else \
-        Tracker.for_output(plan.store.local, DEFAULT_EXPERIMENT)
+    tracker = Tracker(tracking["uri"], tracking["experiment"]) if tracking else Tracker(tracking_uri(plan.store.local), DEFAULT_EXPERIMENT)
     tracking = tracking or {}
     key = f"{tracking.get('key') or 'asset/' + (flow_run.id or uuid.uuid4().hex)}/{plan.row.asset_id}"
     return tracker, {**tracker.link(), "key": key, "stage_prefix": key, "parent_key": tracking.get("key"),
@@ -154,7 +153,7 @@ def asset(
 
     rel = f"{plan.row.asset_id}/{ASSET_RECORD}"
     record = run_asset(plan, rerun_stage=rerun_stage, execute=execute, tracking=link, saved=lambda r: tracker.sync(plan.store, rel, dataclasses.asdict(r)))
-    record.tracking.update(asset_run_id=tracker.run_ids.get(link["key"]), failures=tracker.failures)
+    record.tracking.update(asset_run_id=tracker.run_ids.get(link["key"]), experiment_id=tracker.experiment_id, failures=tracker.failures)
     record.save(plan.store)
     if (tracking or {}).get("batch_id"):
         record.hand_to_batch(plan.store, tracking["batch_id"])
@@ -281,7 +280,7 @@ def batch(
     parsed, plans = load_catalog(Path(catalog), preset, overrides, store)
     rows = parsed.select(only)
     stages_of = {plan.row.asset_id: {s.name for s in plan.stages} for plan in plans}
-    tracker = Tracker.for_output(store.local, experiment or f"{DEFAULT_EXPERIMENT}/{Path(catalog).stem}")
+    tracker = Tracker(tracking_uri(store.local), experiment or f"{DEFAULT_EXPERIMENT}/{Path(catalog).stem}")
     sync_pending(store)  # what earlier runs could not sync
     started = datetime.now(timezone.utc)
     batch_id = flow_run.id or uuid.uuid4().hex

@@ -380,10 +380,8 @@ def execute_stage(stage: PlannedStage, force: bool = False, callback: StepCallba
         try:
             if f"{stage.asset_id}/{stage.name}" in faults:
                 raise InjectedFault(f"{FAULT_ENV} names {stage.asset_id}/{stage.name}")
-            for upstream in stage.inputs.values():
-                store.pull_upstream(upstream)
-            result = stage.spec.load().run(stage.config, stage.directory, inputs=stage.inputs, identity=stage.identity,
-                                           callback=store.checkpoints(stage.directory, stage.identity, callback))
+            callback = store.prepare(stage.directory, stage.inputs.values(), stage.identity, callback)
+            result = stage.spec.load().run(stage.config, stage.directory, inputs=stage.inputs, identity=stage.identity, callback=callback)
             store.push_stage(stage.directory)
         except Exception as error:
             raise StageFailed(describe_failure(stage, error)) from error

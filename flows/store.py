@@ -19,9 +19,13 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ContextManager, Protocol
+
+import fsspec
+from fsspec.implementations.dirfs import DirFileSystem
 
 from stages.common import RESULT_FILE, StageResult, StepCallback, atomic_write_text, completed, stage_lock
 from stages.identity import file_digest
@@ -30,9 +34,12 @@ log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 90.0
 """An object-store stage lock not renewed for this long belongs to a dead run and may be taken over."""
+POLL_SECONDS = 1.0
+"""How often a machine waiting for an object-store stage lock looks again."""
 MANIFEST_KEY = "manifest"
 """Key of the `{relative path: sha256}` manifest in an object-store stage's `result.json`."""
-PARTIAL = ".partial"
+CHECKPOINT_FILES = ("identity.txt", "checkpoint.pt")
+"""What a stage's `<stage>.partial/` holds in the root: the identity it was started for and its last checkpoint."""
 
 
 class StoreError(RuntimeError):
@@ -57,8 +64,7 @@ class Store(Protocol):
     def glob(self, pattern: str) -> list[str]: ...
     def committed(self, directory: Path, identity: str | None = None) -> StageResult | None: ...
     def lock(self, directory: Path) -> ContextManager[None]: ...  # the right to compute that stage
-    def pull_upstream(self, directory: Path) -> None: ...  # an input stage into `local`
-    def checkpoints(self, directory: Path, identity: str, callback: StepCallback) -> StepCallback: ...  # shared resumes
+    def prepare(self, directory: Path, inputs: Iterable[Path], identity: str, callback: StepCallback) -> StepCallback: ...
     def push_stage(self, directory: Path) -> None: ...  # commit a stage finished in `local` to the root
 
 
@@ -94,7 +100,7 @@ class FolderStore:
         (self.local / rel).unlink(missing_ok=True)
 
     def glob(self, pattern: str) -> list[str]:
-        return sorted(p.relative_to(self.local).as_posix() for p in self.local.glob(pattern))
+        return sorted(self.rel(p) for p in self.local.glob(pattern))
 
     def committed(self, directory: Path, identity: str | None = None) -> StageResult | None:
         return completed(directory, identity)
@@ -102,10 +108,7 @@ class FolderStore:
     def lock(self, directory: Path) -> ContextManager[None]:
         return stage_lock(directory)
 
-    def pull_upstream(self, directory: Path) -> None:
-        pass
-
-    def checkpoints(self, directory: Path, identity: str, callback: StepCallback) -> StepCallback:
+    def prepare(self, directory: Path, inputs: Iterable[Path], identity: str, callback: StepCallback) -> StepCallback:
         return callback
 
     def push_stage(self, directory: Path) -> None:
@@ -128,41 +131,37 @@ class ObjectStore(FolderStore):
         return self.url
 
     @property
-    def fs(self):
-        import fsspec
-
-        return fsspec.core.url_to_fs(self.url)[0]  # fsspec caches file system instances
+    def fs(self) -> DirFileSystem:
+        """The bucket as a file system whose paths are `rel` paths (fsspec caches file system instances)."""
+        fs, root = fsspec.core.url_to_fs(self.url)
+        return DirFileSystem(root, fs)
 
     def path(self, rel: str) -> str:
         return f"{self.url.rstrip('/')}/{rel}"
 
     def read_bytes(self, rel: str) -> bytes | None:
         with contextlib.suppress(FileNotFoundError):
-            return self.fs.cat_file(self.path(rel))
+            return self.fs.cat_file(rel)
         return None
 
     def write_text(self, rel: str, text: str) -> None:
         """One PUT (an object is replaced whole); the working copy keeps a copy."""
         super().write_text(rel, text)
-        self.fs.pipe_file(self.path(rel), text.encode())
+        self.fs.pipe_file(rel, text.encode())
 
     def remove(self, rel: str) -> None:
         super().remove(rel)
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self.path(rel))
+            self.fs.rm_file(rel)
 
     def glob(self, pattern: str) -> list[str]:
-        root = self.fs._strip_protocol(self.url).rstrip("/")
         self.fs.invalidate_cache()  # listings cached by this process miss what other machines wrote since
-        return sorted(p[len(root) + 1 :] for p in self.fs.glob(f"{root}/{pattern}"))
+        return sorted(self.fs.glob(pattern))
 
     def _result(self, rel: str) -> tuple[str, dict]:
-        """The committed `result.json` at `rel` (text and data), or `("", {})`."""
+        """The committed `result.json` of the stage at `rel` (text and data), or `("", {})`."""
         text = self.read_text(f"{rel}/{RESULT_FILE}") or ""
-        with contextlib.suppress(json.JSONDecodeError):
-            if MANIFEST_KEY in (result := json.loads(text or "{}")):
-                return text, result
-        return "", {}
+        return text, json.loads(text or "{}")
 
     def committed(self, directory: Path, identity: str | None = None) -> StageResult | None:
         """Whether or not its files are in this working copy; None for a path outside the root (a user's mesh)."""
@@ -171,28 +170,30 @@ class ObjectStore(FolderStore):
         return stage if stage is not None and identity in (None, stage.identity) else None
 
     def lock(self, directory: Path) -> ContextManager[None]:
-        return _Lease(self, f"{self.rel(directory)}.lock")
+        return _lease(self, f"{self.rel(directory)}.lock")
 
-    def pull_upstream(self, directory: Path) -> None:
-        """Raises StoreError when the root has no committed stage there, or a file does not match."""
-        if not Path(directory).is_relative_to(self.local):
+    def _pull(self, local: Path) -> None:
+        """Download the committed stage `local` unless this copy holds it; raises StoreError when the root
+        has none or a file does not match. Downloaded beside it, then renamed into place: two workers
+        sharing this working copy may pull at once."""
+        if not local.is_relative_to(self.local):  # a user's mesh
             return
-        rel, local = self.rel(directory), Path(directory)
+        rel = self.rel(local)
         text, result = self._result(rel)
         if not text:
             raise StoreError(f"upstream stage {rel} is not committed in {self.url} (removed as broken, or deleted); "
                              "the next run of the asset computes it again")
         if (local / RESULT_FILE).is_file() and (local / RESULT_FILE).read_text() == text:
             return
-        # downloaded beside it, then renamed into place: two workers sharing this working copy may pull at once
         incoming, old = (local.with_name(f".{local.name}.{what}-{uuid.uuid4().hex[:8]}") for what in ("pull", "old"))
+        manifest = result[MANIFEST_KEY]
         try:
             with contextlib.suppress(FileNotFoundError):  # a missing file is named below
-                self.fs.get([self.path(f"{rel}/{n}") for n in result[MANIFEST_KEY]], [str(incoming / n) for n in result[MANIFEST_KEY]])
-            for name, digest in result[MANIFEST_KEY].items():
+                self.fs.get([f"{rel}/{name}" for name in manifest], [str(incoming / name) for name in manifest])
+            for name, digest in manifest.items():
                 if not (incoming / name).is_file() or file_digest(incoming / name) != digest:
                     if self.read_text(f"{rel}/{RESULT_FILE}") == text:  # not recommitted meanwhile
-                        self.fs.rm_file(self.path(f"{rel}/{RESULT_FILE}"))
+                        self.fs.rm_file(f"{rel}/{RESULT_FILE}")
                     raise StoreError(f"stage {rel} in {self.url}: {name} does not match its manifest (missing or changed: an "
                                      "upload cut short, or a lost lease); its commit is removed, so the next run computes it again")
             (incoming / RESULT_FILE).write_text(text)
@@ -204,25 +205,28 @@ class ObjectStore(FolderStore):
             shutil.rmtree(old, ignore_errors=True)
         log.info("stage %s: pulled from %s", rel, self.url)
 
-    def checkpoints(self, directory: Path, identity: str, callback: StepCallback) -> StepCallback:
-        """Pulls the root's checkpoint of an unfinished run with this identity (so it resumes where any
-        machine left it) and returns `callback`, uploading `<stage>.partial/checkpoint.pt` whenever it
-        changed. The step callback is the one explicit hook every stage takes; a checkpoint saved after
-        step n's callback goes up at step n + 1's (a failed upload only warns: a resume elsewhere would
-        start further back)."""
-        partial, rel = Path(str(directory) + PARTIAL), self.rel(directory) + PARTIAL
-        if self.read_text(f"{rel}/identity.txt") == identity:
-            self.fs.get(self.path(rel) + "/", str(partial) + "/", recursive=True)
-        seen = [None]
+    def prepare(self, directory: Path, inputs: Iterable[Path], identity: str, callback: StepCallback) -> StepCallback:
+        """Pull the upstream stages `inputs` and the root's checkpoint of an unfinished run with this
+        identity (so it resumes where any machine left it); returns `callback`, uploading the checkpoint
+        whenever it changed: the step callback is the one explicit hook every stage takes. A checkpoint
+        saved after step n's callback goes up at step n + 1's; a failed upload only warns."""
+        for upstream in inputs:
+            self._pull(Path(upstream))
+        partial, rel = Path(f"{directory}.partial"), f"{self.rel(directory)}.partial"
+        local, remote = [str(partial / name) for name in CHECKPOINT_FILES], [f"{rel}/{name}" for name in CHECKPOINT_FILES]
+        if self.read_text(remote[0]) == identity:
+            with contextlib.suppress(FileNotFoundError):  # no checkpoint uploaded yet: the stage starts afresh
+                self.fs.get(remote, local)
+        sent = [None]
 
         def step(number: int, metrics: dict[str, float]) -> None:
-            with contextlib.suppress(FileNotFoundError):
-                if seen[0] != (stamp := (partial / "checkpoint.pt").stat().st_mtime_ns):
-                    seen[0] = stamp
-                    try:
-                        self.fs.put([str(partial / n) for n in ("identity.txt", "checkpoint.pt")], self.path(rel) + "/")
-                    except Exception as error:  # noqa: BLE001 — any storage error; the stage goes on
-                        log.warning("could not upload checkpoint %s to %s: %s", partial, self.url, error)
+            checkpoint = partial / CHECKPOINT_FILES[1]
+            if checkpoint.is_file() and sent[0] != (stamp := checkpoint.stat().st_mtime_ns):
+                sent[0] = stamp
+                try:
+                    self.fs.put(local, remote)
+                except Exception as error:  # noqa: BLE001 — any storage error; the stage goes on
+                    log.warning("could not upload checkpoint %s to %s: %s", partial, self.url, error)
             if callback is not None:
                 callback(number, metrics)
 
@@ -239,77 +243,64 @@ class ObjectStore(FolderStore):
         if self._result(rel)[1].get(MANIFEST_KEY) == manifest:
             return
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self.path(f"{rel}/{RESULT_FILE}"))  # uncommit the older stage first
-        self.fs.put([str(directory / name) for name in manifest], [self.path(f"{rel}/{name}") for name in manifest])
-        committed = json.dumps({**result, MANIFEST_KEY: manifest}, indent=2)
-        self.fs.pipe_file(self.path(f"{rel}/{RESULT_FILE}"), committed.encode())
-        atomic_write_text(directory / RESULT_FILE, committed)
+            self.fs.rm_file(f"{rel}/{RESULT_FILE}")  # uncommit the older stage first
+        self.fs.put([str(directory / name) for name in manifest], [f"{rel}/{name}" for name in manifest])
+        self.write_text(f"{rel}/{RESULT_FILE}", json.dumps({**result, MANIFEST_KEY: manifest}, indent=2))
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(self.path(rel + PARTIAL), recursive=True)
+            self.fs.rm(f"{rel}.partial", recursive=True)
         log.info("stage %s: pushed to %s (%d files)", rel, self.url, len(manifest))
 
 
-class _Lease:
+@contextlib.contextmanager
+def _lease(store: ObjectStore, rel: str) -> Iterator[None]:
     """A stage lock in an object store, made of conditional writes: `pipe_file(mode="create")` sends
-    `If-None-Match: *`, which S3 (since 2024), MinIO, GCS and Azure honour atomically, so of two
-    machines creating one object exactly one succeeds. The moto S3 server of the tests answers 412
-    to the second, and eight racing machines never held one lock at once (tests/flows/test_store.py).
-    Chosen over Prefect's global concurrency limits: no API server needed, it holds for any process
-    (a CLI run too), and it lives next to the stage it guards.
+    `If-None-Match: *`, which S3, MinIO, GCS and Azure honour atomically (moto answers 412 to the second
+    creator: tests/flows/test_store.py). Chosen over Prefect's global concurrency limits: no API server
+    needed, it holds for any process (a CLI run too). `<stage>.lock/<n>` are generations: the highest is
+    the lease (owner, expiry), renewed every third of `LEASE_SECONDS`; a free or expired one is taken by
+    creating n + 1, so of two takers one wins. It holds while clocks agree within the lease time and no
+    holder pauses longer (it then renews only its own, no longer highest, generation; the manifest check
+    catches what two writers mixed)."""
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
-    `<stage>.lock/<n>` are generations: the highest is the lease (owner, expiry), renewed every third
-    of `LEASE_SECONDS`; a free or expired lease is taken by creating generation n + 1, so of two takers
-    one wins. The highest is never deleted (a release marks it expired), so numbers never go back.
-    It holds while clocks agree within the lease time and no holder pauses longer than it (that one
-    logs an error at its next renewal; the manifest check catches what two writers mixed)."""
+    def generations() -> list[int]:
+        return sorted(int(name) for key in store.glob(f"{rel}/*") if (name := key.rsplit("/", 1)[1]).isdigit()) or [-1]
 
-    def __init__(self, store: ObjectStore, rel: str, seconds: float = LEASE_SECONDS, poll: float = 1.0):
-        self.store, self.rel, self.seconds, self.poll = store, rel, seconds, poll
-        self.owner, self.generation = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", -1
-        self._stop = threading.Event()
-        self._renewer = threading.Thread(target=self._renew, daemon=True, name=f"lease {rel}")
+    def write(generation: int, expires: float, mode: str = "overwrite") -> None:
+        store.fs.pipe_file(f"{rel}/{generation}", json.dumps({"owner": owner, "expires": expires}).encode(), mode=mode)
 
-    def _generations(self) -> list[int]:
-        return sorted(int(name) for key in self.store.glob(f"{self.rel}/*") if (name := key.rsplit("/", 1)[1]).isdigit()) or [-1]
+    waited = False
+    while True:
+        generation = generations()[-1] + 1
+        holder = json.loads(store.read_text(f"{rel}/{generation - 1}") or "{}")
+        if holder.get("expires", 0) < time.time():
+            with contextlib.suppress(FileExistsError):  # another machine took it first
+                write(generation, time.time() + LEASE_SECONDS, "create")
+                break
+        elif not waited:
+            log.info("stage %s is being computed by %s; waiting", rel, holder.get("owner"))
+            waited = True
+        time.sleep(POLL_SECONDS)
+    for older in generations()[:-1]:
+        with contextlib.suppress(FileNotFoundError):
+            store.fs.rm_file(f"{rel}/{older}")
+    stop = threading.Event()
 
-    def _write(self, generation: int, expires: float, mode: str = "overwrite") -> None:
-        body = json.dumps({"owner": self.owner, "expires": expires}).encode()
-        self.store.fs.pipe_file(self.store.path(f"{self.rel}/{generation}"), body, mode=mode)
-
-    def __enter__(self) -> "_Lease":
-        waited = False
-        while self.generation < 0:
-            top = self._generations()[-1]
-            holder = json.loads(self.store.read_text(f"{self.rel}/{top}") or "{}")
-            if holder.get("expires", 0) < time.time():
-                with contextlib.suppress(FileExistsError):  # another machine took it first
-                    self._write(top + 1, time.time() + self.seconds, "create")
-                    self.generation = top + 1
-                    continue
-            elif not waited:
-                log.info("stage %s is being computed by %s; waiting", self.rel, holder.get("owner"))
-                waited = True
-            time.sleep(self.poll)
-        for older in self._generations()[:-1]:
-            with contextlib.suppress(FileNotFoundError):
-                self.store.fs.rm_file(self.store.path(f"{self.rel}/{older}"))
-        self._renewer.start()
-        return self
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.seconds / 3):
+    def renew() -> None:
+        while not stop.wait(LEASE_SECONDS / 3):
             try:
-                if self._generations()[-1] != self.generation:
-                    return log.error("lease %s was taken over (this run paused longer than %.0f s?)", self.rel, self.seconds)
-                self._write(self.generation, time.time() + self.seconds)
+                write(generation, time.time() + LEASE_SECONDS)
             except Exception as error:  # noqa: BLE001 — any storage error; the stage goes on, the lease may lapse
-                log.warning("could not renew lease %s: %s", self.rel, error)
+                log.warning("could not renew lease %s: %s", rel, error)
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._renewer.join()
-        if self._generations()[-1] == self.generation:
-            self._write(self.generation, 0.0)
+    renewer = threading.Thread(target=renew, daemon=True, name=f"lease {rel}")
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        write(generation, 0.0)
 
 
 def open_store(out: "Store | str | Path", work_dir: Path | None = None) -> Store:
@@ -317,19 +308,16 @@ def open_store(out: "Store | str | Path", work_dir: Path | None = None) -> Store
     if isinstance(out, FolderStore):
         return out
     url = str(out)
-    protocol, _, rest = url.partition("://") if "://" in url else ("file", "", url)
-    if protocol in ("file", "local"):
-        return FolderStore(url, Path(rest).absolute())
-    import fsspec
-
+    protocol, path = fsspec.core.split_protocol(url)
+    if protocol in (None, "file", "local"):
+        return FolderStore(url, Path(path).absolute())
     try:
         fsspec.get_filesystem_class(protocol)
     except (ImportError, ValueError) as error:
         raise StoreError(f"output root {url}: no fsspec file system for {protocol!r} ({error}); e.g. pip install s3fs") from error
-    if work_dir is None and os.environ.get("CSD_ASSET_WORK_DIR"):
-        work_dir = Path(os.environ["CSD_ASSET_WORK_DIR"])
-    elif work_dir is None:
-        from csd.prompts import cache_root
+    if work_dir is None:
+        from csd.prompts import cache_root  # imports torch: only for object stores
 
-        work_dir = cache_root() / "stores" / f"{url.rstrip('/').rsplit('/', 1)[-1]}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+        name = f"{url.rstrip('/').rsplit('/', 1)[-1]}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+        work_dir = os.environ.get("CSD_ASSET_WORK_DIR") or cache_root() / "stores" / name
     return ObjectStore(url, Path(work_dir).absolute())

@@ -1,18 +1,12 @@
 """MLflow runs as a projection of the output root: batch → asset → stage runs, rebuilt from files.
 
-Every run is made from records that exist anyway: a stage run from its folder (`result.json`,
-`config.yaml`, `history.json`, previews, files) and its entry in `<asset>/asset.json`; an asset run
-from that record; a batch run from `batches/<batch_id>/batch.json` (with the asset records it
-collected). `Tracker.sync` finds each run by its tag `csd_key`, creates a missing one under its
-parent, sends only what it lacks (params, metric points, artifacts, tags, status), then tags it with
-a digest of what it projected: syncing again costs one search and sends nothing. While a stage runs,
-`Tracker.live` sends its metric points the same way, so a long stage can be watched in the UI.
-
-No spool: a failed sync loses nothing, the files stay. With the server down the work goes on (a
-warning; later syncs in that process give up at once instead of waiting out HTTP retries, bounded
-by `MLFLOW_HTTP_REQUEST_*` in prefect.yaml) and the record's path goes to `<out>/.tracking-pending/`,
-which `csd-asset sync-tracking --out OUT` and the next batch over the root sync.
-The tracking URI is `MLFLOW_TRACKING_URI`, else `<out>/mlflow.db` with artifacts in `<out>/mlartifacts`.
+A stage run is made from its folder (`result.json`, `config.yaml`, `history.json`, previews, files)
+and its entry in `<asset>/asset.json`, an asset run from that record, a batch run from
+`batches/<batch_id>/batch.json`. No spool: a sync that fails loses nothing (the files stay), the work
+goes on, and the record's path waits in `<out>/.tracking-pending/` for `csd-asset sync-tracking
+--out OUT` or the next batch over the root. The tracking URI is `MLFLOW_TRACKING_URI`, else
+`<out>/mlflow.db`; a SQLite store keeps its artifacts beside it in `mlartifacts/` (MLflow's default,
+`./mlruns`, depends on the working directory).
 """
 
 from __future__ import annotations
@@ -62,20 +56,8 @@ def tracking_uri(out: Path) -> str:
 
 def experiment_link(server: str, experiment_id: str | None) -> str:
     """The experiment's runs table on an MLflow server (or `mlflow ui`) at `server`; the list of
-    experiments when the id is not known (the server was down)."""
+    experiments when the id is not known (the server was down while the records were made)."""
     return f"{server.rstrip('/')}/#/experiments" + (f"/{experiment_id}{RUNS_VIEW}" if experiment_id else "")
-
-
-def experiment_id_of(uri: str, name: str) -> str | None:
-    """The id of the experiment `name` at `uri`, or None when it does not exist or cannot be read."""
-    from mlflow import MlflowClient
-
-    try:
-        experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
-    except Exception as error:  # a server that is down: the link falls back to the experiment list
-        log.warning("MLflow: cannot read experiment %r at %s (%s)", name, uri, error)
-        return None
-    return experiment.experiment_id if experiment is not None else None
 
 
 def run_link(uri: str, experiment_id: str | None, run_id: str | None) -> str:
@@ -104,9 +86,6 @@ class RunView:
     start_ms: int | None = None
     end_ms: int | None = None
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 
 def _ms(iso: str | None) -> int | None:
     return int(datetime.fromisoformat(iso).timestamp() * 1000) if iso else None
@@ -117,13 +96,14 @@ def _strings(values: dict[str, Any]) -> dict[str, str]:
 
 
 def _json(store, rel: str) -> Any:
-    text = store.read_text(rel)
-    return json.loads(text) if text else None
+    return json.loads(store.read_text(rel) or "null")
 
 
-def _logged(step: int) -> bool:
-    """Whether a stage's history point at `step` is logged (its last point is too, see `_stage_view`)."""
-    return step == 1 or step % METRIC_EVERY == 0
+def _points(step: int, metrics: dict[str, Any], last: bool = False) -> list[tuple[str, float, int]]:
+    """The points of a stage's step that are logged: every `METRIC_EVERY`th step, the first and the last."""
+    if not (last or step == 1 or step % METRIC_EVERY == 0):
+        return []
+    return [(k, float(v), step) for k, v in metrics.items() if k != "step" and v is not None]
 
 
 def _stage_view(store, asset: dict[str, Any], name: str, entry: dict[str, Any]) -> RunView:
@@ -132,19 +112,16 @@ def _stage_view(store, asset: dict[str, Any], name: str, entry: dict[str, Any]) 
     link, rel = asset["tracking"], f"{asset['asset_id']}/{name}"
     tags = {"stage": name, "asset_id": asset["asset_id"], "identity": entry.get("identity"), "status": entry["status"],
             "rerun": str(bool(link.get("rerun"))).lower(), "directory": store.path(rel), "error": entry.get("error")}
-    view = RunView(f"{link['stage_prefix']}/{name}", name, link["key"], _strings(tags),
+    view = RunView(f"{link['stage_prefix']}/{name}", name, link["key"], _strings(tags), texts={"error.txt": entry["error"]} if entry.get("error") else {},
                    status="FAILED" if entry["status"] == "failed" else "FINISHED", end_ms=_ms(entry.get("finished_at")))
-    if entry.get("error"):
-        view.texts["error.txt"] = entry["error"]
     result = _json(store, f"{rel}/result.json") or {}
-    summary = {**entry.get("metrics", {})}
+    summary = entry.get("metrics", {})
     if result.get("identity") == entry.get("identity"):
         view.params = _strings(yaml.safe_load(store.read_text(f"{rel}/config.yaml") or "{}") or {})
         summary = {**result.get("metrics", {}), **{f"time_{k}": v for k, v in result.get("timings", {}).items()}}
         history = (_json(store, f"{rel}/history.json") or []) if "history" in result.get("outputs", {}) else []
-        for i, step in enumerate(history):
-            if _logged(step["step"]) or i == len(history) - 1:
-                view.metrics += [(k, float(v), int(step["step"])) for k, v in step.items() if k != "step" and v is not None]
+        for i, point in enumerate(history):
+            view.metrics += _points(point["step"], point, last=i == len(history) - 1)
         if entry["status"] == "ran":
             previews = set(result.get("previews", []))
             view.files += [(f"{rel}/{p}", "previews") for p in sorted(previews)]
@@ -159,33 +136,36 @@ def asset_views(store, asset: dict[str, Any]) -> list[RunView]:
     """The asset's run and its stage runs, from an asset record (a reran asset adds runs for the
     stages it recomputed under the asset's earlier run)."""
     link = asset["tracking"]
-    tags = {**link.get("tags", {}), "status": asset["status"]}
     params = {"preset": asset["preset"], "overrides": asset["overrides"], "stages": ",".join(asset["stages"])}
-    views = [RunView(link["key"], asset["asset_id"], link.get("parent_key"), _strings(tags), _strings(params),
-                     status=STATUS.get(asset["status"], "RUNNING"), start_ms=_ms(asset["started_at"]), end_ms=_ms(asset["finished_at"]))]
-    for name, entry in asset["stages"].items():
-        if entry["status"] in ("ran", "failed") or (entry["status"] == "reused" and not link.get("rerun")):
-            views.append(_stage_view(store, asset, name, entry))
-    return views
+    views = [RunView(link["key"], asset["asset_id"], link.get("parent_key"), _strings({**link.get("tags", {}), "status": asset["status"]}),
+                     _strings(params), status=STATUS.get(asset["status"], "RUNNING"), start_ms=_ms(asset["started_at"]),
+                     end_ms=_ms(asset["finished_at"]))]
+    return views + [_stage_view(store, asset, name, entry) for name, entry in asset["stages"].items()
+                    if entry["status"] in ("ran", "failed") or (entry["status"] == "reused" and not link.get("rerun"))]
 
 
 def batch_views(store, batch: dict[str, Any]) -> list[RunView]:
     """The batch's run (summary and contact sheet as artifacts), then each collected asset's runs."""
-    texts = {"summary.md": batch["summary"]} if batch.get("summary") else {}
-    metrics = [(k, float(v), 0) for k, v in batch.get("metrics", {}).items()]
-    views = [RunView(batch["tracking"]["key"], batch["name"], None, _strings(batch["tags"]), _strings(batch["params"]),
-                     metrics, [(f, None) for f in batch.get("files", [])], texts, STATUS.get(batch["status"], "RUNNING"),
-                     _ms(batch["started_at"]), _ms(batch.get("finished_at")))]
-    return views + [v for asset in batch.get("assets", {}).values() if asset for v in asset_views(store, asset)]
+    view = RunView(batch["tracking"]["key"], batch["name"], None, _strings(batch["tags"]), _strings(batch["params"]),
+                   [(k, float(v), 0) for k, v in batch.get("metrics", {}).items()], [(f, None) for f in batch.get("files", [])],
+                   {"summary.md": batch["summary"]} if batch.get("summary") else {}, STATUS.get(batch["status"], "RUNNING"),
+                   _ms(batch["started_at"]), _ms(batch.get("finished_at")))
+    return [view] + [v for asset in batch.get("assets", {}).values() if asset for v in asset_views(store, asset)]
 
 
 class Tracker:
     """Syncs records of an output root to the MLflow experiment `experiment` at `uri`; never raises.
-    After one failed sync it tries no more (whatever failed, the server down or a parent run missing,
-    is left to `sync_pending`), so a dead server costs a process one timeout, not one per stage."""
+
+    `sync` finds each run by its tag `csd_key`, creates a missing one under its parent, sends what it
+    lacks, then tags it with a digest of what it projected: syncing again costs one search and sends
+    nothing. After one failed sync (the server down, a parent run missing) it tries no more and leaves
+    the rest to `sync_pending`: a dead server costs a process one timeout (`MLFLOW_HTTP_REQUEST_*` in
+    prefect.yaml), not one per stage."""
 
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
-        self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
+        self.uri, self.experiment = uri, experiment
+        sqlite = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        self.artifact_location = artifact_location or (sqlite and (sqlite.parent / ARTIFACTS).resolve().as_uri())
         self.experiment_id: str | None = None
         self.failures: list[str] = []
         """What failed, first the reason this tracker gave up."""
@@ -193,16 +173,9 @@ class Tracker:
         """`csd_key` → run id of the runs this tracker synced."""
         self._client = None
 
-    @classmethod
-    def for_output(cls, out: Path, experiment: str) -> "Tracker":
-        if os.environ.get("MLFLOW_TRACKING_URI"):  # a server stores artifacts where it is configured to
-            return cls(tracking_uri(out), experiment)
-        Path(out).mkdir(parents=True, exist_ok=True)  # a local database keeps them next to it
-        return cls(tracking_uri(out), experiment, (Path(out) / ARTIFACTS).resolve().as_uri())
-
     def link(self) -> dict[str, Any]:
-        """What a record needs to be synced later, by any process: the store and the experiment."""
-        return {"uri": self.uri, "experiment": self.experiment, "artifact_location": self.artifact_location}
+        """What a record needs to be synced later, by any process."""
+        return {"uri": self.uri, "experiment": self.experiment}
 
     def sync(self, store, rel: str, record: dict[str, Any] | None = None) -> bool:
         """Make MLflow match the batch or asset record at `rel` (or `record`, what is being written
@@ -217,14 +190,13 @@ class Tracker:
         return False
 
     def live(self, link: dict[str, Any], stage: str) -> StepCallback:
-        """A step callback for stage `stage` of the asset record whose `tracking` is `link`: it sends the
-        points `sync` logs as they come (the first at once, then at most every `LIVE_SECONDS`) to the
-        stage's run, found or made as `sync` does; the stage's sync then sends only what is missing."""
+        """A step callback for stage `stage` of the asset record whose `tracking` is `link`, so a long
+        stage can be watched in the UI: it sends the points `sync` logs as they come (the first at once,
+        then at most every `LIVE_SECONDS`) to the stage's run; the stage's sync adds what is missing."""
         view, sent_at = RunView(f"{link['stage_prefix']}/{stage}", stage, link["key"], {}), [float("-inf")]
 
         def step(number: int, metrics: dict[str, float]) -> None:
-            if _logged(number):
-                view.metrics += [(k, float(v), number) for k, v in metrics.items() if v is not None]
+            view.metrics += _points(number, metrics)
             if view.metrics and not self.failures and time.monotonic() - sent_at[0] >= LIVE_SECONDS:
                 sent_at[0] = time.monotonic()
                 if self._push(f"{view.key} (live)", None, lambda: [view]):
@@ -245,8 +217,26 @@ class Tracker:
             self.failures.append(f"{what}: {type(error).__name__}: {error}"[:500])
             return False
 
-    def _connect(self):
+    def _runs(self, key: str, prefix: bool = False) -> dict[str, Any]:
+        """The live runs whose key is `key` (or starts with it; a batch's runs fit in one page of 50 000),
+        by key; of duplicates (two processes created one run at once) the oldest stays, the others go.
+        Keys are made of checked asset ids, stage names and run ids: nothing to quote."""
+        found: dict[str, Any] = {}
+        where = f"tags.{KEY_TAG} LIKE '{key}%'" if prefix else f"tags.{KEY_TAG} = '{key}'"
+        for run in self._client.search_runs([self.experiment_id], where, max_results=50_000, order_by=["attributes.start_time"]):
+            if run.data.tags[KEY_TAG] in found:
+                self._client.delete_run(run.info.run_id)
+            else:
+                found[run.data.tags[KEY_TAG]] = run
+        return found
+
+    def _sync(self, store, views: list[RunView]) -> None:
+        """Find or make each view's run (views come parent first, all under the first one) and send
+        what it lacks: params not yet set (MLflow's are immutable), metric points by (name, step), so
+        none goes twice (a sync cut short, `live`), the files whole, read through the store (any
+        machine can sync), the status; the digest tag last, so a sync cut short is redone."""
         from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param, RunTag
         from mlflow.exceptions import MlflowException
 
         if self._client is None:
@@ -255,71 +245,48 @@ class Tracker:
                 with contextlib.suppress(MlflowException):  # another process created it first
                     client.create_experiment(self.experiment, artifact_location=self.artifact_location, tags=EXPERIMENT_TAGS)
             self._client, self.experiment_id = client, client.get_experiment_by_name(self.experiment).experiment_id
-        return self._client
-
-    def _runs(self, client, key: str, prefix: bool = False) -> dict[str, Any]:
-        """The live runs whose key is `key` (or starts with it; a batch's runs fit in one page of 50 000),
-        by key; of duplicates (two processes created one run at once) the oldest stays, the others go."""
-        quoted = key.replace("'", "\\'")
-        where = f"tags.{KEY_TAG} LIKE '{quoted}%'" if prefix else f"tags.{KEY_TAG} = '{quoted}'"
-        found: dict[str, Any] = {}
-        for run in client.search_runs([self.experiment_id], where, max_results=50_000, order_by=["attributes.start_time"]):  # then by id
-            if run.data.tags[KEY_TAG] in found:
-                client.delete_run(run.info.run_id)
-            else:
-                found[run.data.tags[KEY_TAG]] = run
-        return found
-
-    def _sync(self, store, views: list[RunView]) -> None:
-        client = self._connect()
-        runs = self._runs(client, views[0].key, prefix=True)
+        client, runs = self._client, self._runs(views[0].key, prefix=True)
+        if views[0].parent:
+            runs.update(self._runs(views[0].parent))
         for view in views:
             if view.parent and view.parent not in runs:
-                runs.update(self._runs(client, view.parent))
-                if view.parent not in runs:
-                    raise LookupError(f"its parent run {view.parent!r} is not in MLflow yet")
+                raise LookupError(f"its parent run {view.parent!r} is not in MLflow yet")
             if view.key not in runs:
                 tags = {KEY_TAG: view.key, **({"mlflow.parentRunId": runs[view.parent].info.run_id} if view.parent else {})}
                 client.create_run(self.experiment_id, start_time=view.start_ms, tags=tags, run_name=view.name)
-                runs[view.key] = self._runs(client, view.key)[view.key]
-            self.run_ids[view.key] = runs[view.key].info.run_id
-            if runs[view.key].data.tags.get(DIGEST_TAG) != view.digest():
-                self._send(client, store, runs[view.key], view)
-
-    def _send(self, client, store, run, view: RunView) -> None:
-        """Send what `run` lacks of `view`: params not yet set (MLflow's are immutable), metric points by
-        (name, step), so none goes twice (a cut-short sync, `live`), and the files, whole."""
-        from mlflow.entities import Metric, Param, RunTag
-
-        run_id, data = run.info.run_id, run.data
-        sent = {(m.key, m.step) for key in data.metrics for m in client.get_metric_history(run_id, key)}
-        stamp = int(time.time() * 1000)  # a run's points in the order they were sent: live ones first
-        client.log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v, step in view.metrics if (k, step) not in sent],
-                         params=[Param(k, v) for k, v in view.params.items() if k not in data.params],
-                         tags=[RunTag(k, v) for k, v in view.tags.items() if data.tags.get(k) != v])
-        if view.files or view.texts:
-            with tempfile.TemporaryDirectory() as scratch:  # files come through the store: any machine can sync
+                runs.update(self._runs(view.key))
+            run, digest = runs[view.key], hashlib.sha256(json.dumps(asdict(view), sort_keys=True).encode()).hexdigest()[:16]
+            self.run_ids[view.key] = run_id = run.info.run_id
+            if run.data.tags.get(DIGEST_TAG) == digest:
+                continue
+            sent = {(m.key, m.step) for key in run.data.metrics for m in client.get_metric_history(run_id, key)}
+            stamp = int(time.time() * 1000)  # a run's points in the order they were sent: live ones first
+            client.log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v, step in view.metrics if (k, step) not in sent],
+                             params=[Param(k, v) for k, v in view.params.items() if k not in run.data.params],
+                             tags=[RunTag(k, v) for k, v in view.tags.items() if run.data.tags.get(k) != v])
+            with tempfile.TemporaryDirectory() as scratch:
                 for rel, folder in view.files:
                     if (content := store.read_bytes(rel)) is not None:
                         (Path(scratch) / (folder or "")).mkdir(exist_ok=True)
                         (Path(scratch) / (folder or "") / Path(rel).name).write_bytes(content)
                 for name, text in view.texts.items():
                     (Path(scratch) / name).write_text(text)
-                client.log_artifacts(run_id, scratch)
-        if view.status != "RUNNING":
-            client.set_terminated(run_id, view.status, end_time=view.end_ms)
-        client.set_tag(run_id, DIGEST_TAG, view.digest())
+                if view.files or view.texts:
+                    client.log_artifacts(run_id, scratch)
+            if view.status != "RUNNING":
+                client.set_terminated(run_id, view.status, end_time=view.end_ms)
+            client.set_tag(run_id, DIGEST_TAG, digest)
 
 
 def sync_pending(store) -> list[str]:
     """Sync every record listed in `<out>/.tracking-pending/` (batches first: they hold the parents),
     each to the store and experiment it names; returns the records still pending."""
-    trackers: dict[tuple, Tracker] = {}
+    trackers: dict[tuple[str, str], Tracker] = {}
     left = []
     for rel in sorted(filter(None, map(store.read_text, store.glob(f"{PENDING}/*.txt"))), key=lambda r: not r.startswith("batches/")):
         link = (_json(store, rel) or {}).get("tracking") or {}
-        uri, experiment = link.get("uri") or tracking_uri(store.local), link.get("experiment") or "csd-asset"
-        tracker = trackers.setdefault((uri, experiment), Tracker(uri, experiment, link.get("artifact_location")))
+        where = (link.get("uri") or tracking_uri(store.local), link.get("experiment") or "csd-asset")
+        tracker = trackers.setdefault(where, Tracker(*where))
         if not tracker.sync(store, rel):
             left.append(f"{rel}: {tracker.failures[-1]}")
     return left

@@ -240,3 +240,13 @@ def test_a_killed_worker_loses_nothing(cluster, tiny):
     bucket.get_file(f"{BUCKET}/doomed/doomed-cube/export/asset.glb", str(glb))
     assert _glb_loads(glb)
     assert not bucket.exists(f"{BUCKET}/doomed/doomed-cube/nerf.partial"), "the bucket keeps no checkpoint of a finished stage"
+
+    # the victim's runs (the asset's and its nerf stage's, made RUNNING) are the survivor's: all end, none is left RUNNING
+    synced = subprocess.run([sys.executable, "-m", "flows.cli", "sync-tracking", "--out", out], cwd=ROOT, env=cluster.env,
+                            capture_output=True, text=True, timeout=300)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    client = MlflowClient(cluster.mlflow_uri)
+    tree = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], max_results=1000,
+                              filter_string=f"tags.csd_key LIKE 'batch/{batch_id}%'")
+    statuses = sorted((r.data.tags["csd_key"], r.info.status) for r in tree)
+    assert len(tree) == 1 + 1 + len(record.stages) and {status for _, status in statuses} == {"FINISHED"}, statuses

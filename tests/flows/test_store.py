@@ -197,6 +197,7 @@ def test_conditional_writes_make_the_s3_lease_exclusive(s3, tmp_path, monkeypatc
     machines racing for one stage lock never hold it at once."""
     for key, value in s3.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setattr("flows.store.POLL_SECONDS", 0.05)
     fs = s3fs.S3FileSystem(endpoint_url=s3["AWS_ENDPOINT_URL_S3"])
     fs.pipe_file("csd/probe", b"1", mode="create")
     with pytest.raises(FileExistsError):
@@ -206,9 +207,7 @@ def test_conditional_writes_make_the_s3_lease_exclusive(s3, tmp_path, monkeypatc
     def machine(name: str) -> None:
         store = open_store("s3://csd/race", work_dir=tmp_path / name)
         for _ in range(3):
-            lock = store.lock(store.local / "red" / "nerf")
-            lock.poll = 0.05
-            with lock:
+            with store.lock(store.local / "red" / "nerf"):
                 holders.append(name)
                 overlaps.append(len(holders) > 1)
                 time.sleep(0.05)

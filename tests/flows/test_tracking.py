@@ -176,16 +176,15 @@ def test_the_batch_summary_says_how_to_sync_what_is_missing(tmp_path, empty_stor
     assert "not in MLflow yet" in markdown
 
 
-def test_the_experiment_link_names_the_experiment_or_lists_them_all(tmp_path):
-    from mlflow import MlflowClient
+def test_a_sqlite_store_keeps_artifacts_beside_it_and_the_link_names_the_experiment_or_lists_them_all(tmp_path, empty_store):
+    from flows.tracking import ARTIFACTS, RUNS_VIEW, experiment_link
 
-    from flows.tracking import RUNS_VIEW, experiment_id_of, experiment_link
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    made = MlflowClient(tracking_uri=uri).create_experiment("csd-asset", artifact_location=(tmp_path / "a").as_uri())
-    assert experiment_id_of(uri, "csd-asset") == made
-    assert experiment_id_of(uri, "never-made") is None
-    assert experiment_link("http://127.0.0.1:5000/", made) == f"http://127.0.0.1:5000/#/experiments/{made}{RUNS_VIEW}"
+    store, uri, _, batch = _root(tmp_path, empty_store)
+    tracker = Tracker(uri, EXPERIMENT)
+    assert tracker.sync(store, batch)
+    made = MlflowClient(uri).get_experiment_by_name(EXPERIMENT)
+    assert (tracker.experiment_id, made.artifact_location) == (made.experiment_id, (tmp_path / ARTIFACTS).as_uri())
+    assert experiment_link("http://127.0.0.1:5000/", "7") == f"http://127.0.0.1:5000/#/experiments/7{RUNS_VIEW}"
     assert experiment_link("http://127.0.0.1:5000", None) == "http://127.0.0.1:5000/#/experiments", "never /experiments/None"
 
 
