@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--preset", default="toy-cpu")
     parser.add_argument("--nerf-steps", type=int, default=100,
                         help="the preset's albedo-only phase is scaled to the same share of these steps")
-    parser.add_argument("--texture-steps", type=int, default=40)
+    parser.add_argument("--texture-steps", type=int, default=40, help="0 skips the stage (likewise --nerf-steps)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the means")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--texture-input", type=Path, help="a uv stage directory (default: a grey 5120-face icosphere)")
@@ -168,7 +168,7 @@ def main() -> None:
         stage, field = key.split(".", 1)
         overrides[stage][field] = yaml.safe_load(value)
     root = Path(tempfile.mkdtemp(prefix="csd-step-cost-"))
-    texture_input = args.texture_input or grey_icosphere(root / "uv")
+    texture_input = args.texture_input or (grey_icosphere(root / "uv") if args.texture_steps else None)
     # the preset's share of albedo-only steps, so a short run mixes shading modes as a full one does
     nerf_preset = preset.get("nerf", {})
     ambient = round(args.nerf_steps * nerf_preset.get("ambient_only_steps", 0) / nerf_preset.get("steps", args.nerf_steps))
@@ -180,6 +180,8 @@ def main() -> None:
     }
     results = {}
     for stage, (cls, row, inputs) in runs.items():
+        if row["steps"] == 0:
+            continue
         config = build_config(cls, preset.get(stage, {}), {**row, **overrides[stage]})
         results[stage] = measure(stage, config, root / stage, inputs, args.warmup)
 

@@ -2,8 +2,10 @@
 
 The hash grid follows Instant-NGP as configured in threestudio/CSD (12 levels × 2 features, 2^19
 table, base resolution 16, max 512). Coarse levels whose vertex count fits the table are stored
-densely and read with `grid_sample` (fast on CPU and GPU); finer levels are hashed. The density
-gets Magic3D's blob bias, so optimisation starts from a ball at the origin.
+densely and read with `grid_sample` (fast on CPU and GPU); finer levels are hashed. Without
+gradients, a hashed level whose vertex grid is small next to the query is gathered into a dense
+grid first and read the same way (see `HashGridEncoding.forward`). The density gets Magic3D's
+blob bias, so optimisation starts from a ball at the origin.
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ class FieldConfig:
         })
 
 
+_DENSE_READ_TABLES = 8
+"""A hashed level is read densely without gradients only if its vertex grid is at most this many
+times its table (memory: the official 2^19 table at resolution 512 has 256× more vertices)."""
+_DENSE_READ_POINTS = 64
+"""... and only if the query has at least 1/this as many points as the level has vertices: the
+gather costs ~8 ns a vertex on CPU, the dense read saves ~0.7 µs a point (measured, toy-cpu field)."""
+
+
 class HashGridEncoding(nn.Module):
     """Points in [0, 1]³ `(N, 3)` → features `(N, n_levels · n_features_per_level)`."""
 
@@ -92,6 +102,8 @@ class HashGridEncoding(nn.Module):
             else:
                 self.hashed.append(nn.Parameter(torch.empty(table, config.n_features_per_level).uniform_(-1e-4, 1e-4)))
                 self.hashed_levels.append(level)
+                if vertices**3 <= _DENSE_READ_TABLES * table:
+                    self.register_buffer(f"vertex_hash_{level}", _vertex_hashes(vertices, table), persistent=False)
 
     @property
     def output_dim(self) -> int:
@@ -105,7 +117,18 @@ class HashGridEncoding(nn.Module):
             sampled = F.grid_sample(table, grid, mode="bilinear", align_corners=True, padding_mode="border")
             features[level] = sampled.view(table.shape[1], -1).t()
         for level, table in zip(self.hashed_levels, self.hashed):
-            features[level] = self._hashed_lookup(x, self.resolutions[level], table)
+            vertex_hash = getattr(self, f"vertex_hash_{level}", None)
+            recording = torch.is_grad_enabled() and (table.requires_grad or x.requires_grad)
+            if not recording and vertex_hash is not None and vertex_hash.numel() <= _DENSE_READ_POINTS * x.shape[0]:
+                # no gradients to route back through the hash: gather the level's vertices once and
+                # interpolate like a dense level, ~3× faster a point than 8 hashed corners on CPU; the
+                # same trilinear interpolation, its sums in grid_sample's order (float rounding apart)
+                vertices = self.resolutions[level] + 1
+                volume = table.index_select(0, vertex_hash).t().reshape(1, table.shape[1], vertices, vertices, vertices)
+                sampled = F.grid_sample(volume, grid, mode="bilinear", align_corners=True, padding_mode="border")
+                features[level] = sampled.view(table.shape[1], -1).t()
+            else:
+                features[level] = self._hashed_lookup(x, self.resolutions[level], table)
         return torch.cat(features, dim=-1)
 
     @staticmethod
@@ -137,6 +160,15 @@ class HashGridEncoding(nn.Module):
 
 _CORNER_BITS = torch.tensor([[(o >> (2 - d)) & 1 for o in range(8)] for d in range(3)])
 """`(3, 8)`: the offset (0 or 1) of corner `o` along axis d."""
+
+
+def _vertex_hashes(vertices: int, size: int) -> Tensor:
+    """`(vertices³,)` table rows of a hashed level's vertices `[x, y, z]` in C order (x slowest),
+    the same hash as `HashGridEncoding._hashed_lookup`."""
+    axis = torch.arange(vertices)
+    hashes = (axis[:, None, None] * _PRIMES[0]) ^ (axis[None, :, None] * _PRIMES[1]) ^ (axis[None, None, :] * _PRIMES[2])
+    hashes = hashes.view(-1)
+    return hashes & (size - 1) if size & (size - 1) == 0 else hashes % size
 
 
 class ImplicitVolume(nn.Module):

@@ -118,8 +118,10 @@ class OccupancyGrid:
 
     def query(self, points: Tensor) -> Tensor:
         """`(N, 3)` → `(N,)` bool."""
-        index = ((points / self.bound * 0.5 + 0.5) * self.resolution).long().clamp(0, self.resolution - 1)
-        return self.occupied[index[:, 0], index[:, 1], index[:, 2]]
+        r = self.resolution
+        # int32 cells and one flat gather: ~2× faster on CPU than int64 and a 3-index lookup
+        index = ((points / self.bound * 0.5 + 0.5) * r).int().clamp_(0, r - 1)
+        return self.occupied.view(-1).index_select(0, (index[:, 0] * r + index[:, 1]) * r + index[:, 2])
 
 
 def intersect_sphere(origins: Tensor, directions: Tensor, radius: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -166,17 +168,18 @@ class VolumeRenderer:
             self.grid.update(field.density, generator)
 
     @torch.no_grad()
-    def _visible(self, field, flat: Tensor, index: Tensor, deltas: Tensor) -> Tensor:
-        """The samples of `index` worth the full query: alpha ≥ min(`alpha_threshold`, the grid's
-        mean optical depth) and transmittance ≥ `early_stop_eps`, from a density-only pass."""
+    def _visible(self, field, points: Tensor, index: Tensor, deltas: Tensor) -> Tensor | None:
+        """Which samples `index` (at `points` `(N, 3)`) are worth the full query, `(N,)` bool (None:
+        all): alpha ≥ min(`alpha_threshold`, the grid's mean optical depth) and transmittance ≥
+        `early_stop_eps`, from a density-only pass."""
         c = self.config
         threshold = min(c.alpha_threshold, self.grid.mean_optical_depth)
         if threshold <= 0 and c.early_stop_eps <= 0:
-            return index
-        density = torch.zeros(flat.shape[0], device=flat.device).index_put((index,), field.density(flat[index]))
+            return None
+        density = torch.zeros(deltas.numel(), device=points.device).index_put((index,), field.density(points))
         alpha, transmittance = alpha_transmittance(density.view(deltas.shape), deltas)
         visible = ((alpha >= threshold) & (transmittance >= c.early_stop_eps)).view(-1)
-        return index[visible[index]]
+        return visible[index]
 
     def background(self, directions: Tensor, batch: int, generator: torch.Generator | None, training: bool) -> Tensor:
         """Background colours `(B, H*W, 3)` for ray directions `(B, H*W, 3)`."""
@@ -223,21 +226,29 @@ class VolumeRenderer:
         jitter = torch.rand(n_rays, n, generator=generator).to(device) if training else torch.full((n_rays, n), 0.5, device=device)
         t = near[:, None] + (torch.arange(n, device=device)[None] + jitter) / n * span[:, None]
         deltas = (span / n)[:, None].expand(-1, n)
-        points = origins[:, None, :] + t[..., None] * directions[:, None, :]
-        flat = points.reshape(-1, 3)
+        flat = (origins[:, None, :] + t[..., None] * directions[:, None, :]).reshape(-1, 3)
         active = hit[:, None].expand(-1, n).reshape(-1)
         if self.grid is not None:
             active = active & self.grid.query(flat)
         index = active.nonzero().squeeze(-1)
+        queried = flat[index]
         if self.grid is not None and index.numel() > 0:
-            index = self._visible(field, flat, index, deltas)
+            visible = self._visible(field, queried, index, deltas)
+            if visible is not None:
+                index, queried = index[visible], queried[visible]
         need_normals = compute_normals or shading != "albedo"
-        # only the queried samples are shaded; the others keep σ = 0 and contribute nothing
-        density = torch.zeros(flat.shape[0], device=device)
-        colour = torch.zeros(flat.shape[0], 3, device=device)
+        # Only the queried samples are shaded; the others keep σ = 0: alpha 0, a transmittance factor
+        # of exactly 1, no weight. So each ray's queried samples, packed in order into the first
+        # of `(n_rays, packed)` slots, composite to the same weights as the full `(n_rays, n)`
+        # arrays (the sums over samples in another order), at a few % of their size and backward.
+        ray = index // n
+        counts = torch.bincount(ray, minlength=n_rays)
+        packed = max(1, int(counts.max())) if index.numel() > 0 else 1
+        slot = ray * packed + torch.arange(index.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[ray]
+        density = torch.zeros(n_rays * packed, device=device)
+        colour = torch.zeros(n_rays * packed, 3, device=device)
         normals = None
         if index.numel() > 0:
-            queried = flat[index]
             if need_normals:
                 sigma, albedo, normals = field.with_normals(queried)
             else:
@@ -250,9 +261,9 @@ class VolumeRenderer:
                 light = cameras.light_position.to(device)[index // (n * height * width)]
                 shade = diffuse_shade(normals, queried, light, c.ambient)
                 shaded = albedo * shade if shading == "diffuse" else shade.expand(-1, 3)
-            density = density.index_put((index,), sigma)
-            colour = colour.index_put((index,), shaded)
-        density, colour = density.view(n_rays, n), colour.view(n_rays, n, 3)
+            density = density.index_put((slot,), sigma)
+            colour = colour.index_put((slot,), shaded)
+        density, colour, deltas = density.view(n_rays, packed), colour.view(n_rays, packed, 3), deltas[:, :packed]
 
         weights, rgb = composite(density, colour, deltas)
         opacity = weights.sum(1, keepdim=True)
@@ -260,7 +271,8 @@ class VolumeRenderer:
         if compute_depth:
             # expected termination depth inside each interval of constant density σ: front + δ·f(σδ),
             # f(x) = 1/x − 1/(eˣ − 1) (→ ½ for thin media, → 0 for opaque ones)
-            front = near[:, None] + torch.arange(n, device=device)[None] * deltas
+            front = torch.zeros(n_rays * packed, device=device).index_put((slot,), near[ray] + (index % n) * deltas[ray, 0])
+            front = front.view(n_rays, packed)
             optical = (density * deltas).detach()
             inside = torch.where(
                 optical < 1e-4, torch.full_like(optical, 0.5), 1 / optical.clamp(min=1e-4) - 1 / torch.expm1(optical.clamp(min=1e-4))
@@ -268,10 +280,10 @@ class VolumeRenderer:
             depth = (weights * (front + deltas * inside)).sum(1, keepdim=True) / opacity.clamp(min=1e-6)
         orientation = torch.zeros((), device=device)
         if compute_normals and normals is not None:
-            sample_weights = weights.view(-1)[index]
-            composited_normal = torch.zeros(n_rays, 3, device=device).index_add(0, index // n, sample_weights[:, None] * normals)
+            sample_weights = weights.view(-1)[slot]
+            composited_normal = torch.zeros(n_rays, 3, device=device).index_add(0, ray, sample_weights[:, None] * normals)
             # Ref-NeRF orientation loss: normals should not face away from the camera
-            facing = (normals * directions[index // n]).sum(-1).clamp(min=0) ** 2
+            facing = (normals * directions[ray]).sum(-1).clamp(min=0) ** 2
             penalty = sample_weights.detach() * facing
             if c.orientation_reduction == "opaque":
                 # threestudio/systems/magic3d.py loss_orient: Σ w·max(0, n·d)² / #(opacity > 0)

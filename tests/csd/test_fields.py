@@ -26,3 +26,23 @@ def test_exp_activation_is_the_exponential_softplus_takes_the_log1p_of(tmp_path)
     loaded = load_field(tmp_path)
     assert loaded.config.density_activation == "exp"
     torch.testing.assert_close(loaded.density(points), exp.density(points).detach())
+
+
+def test_hashed_levels_read_densely_without_gradients_give_the_hashed_features():
+    # level 1 (17³ vertices) is hashed into 2^10 rows and small enough (≤ 8×) to be read densely
+    config = dataclasses.replace(TINY, log2_hashmap_size=10)
+    torch.manual_seed(0)
+    volume = ImplicitVolume(config)
+    encoding = volume.encoding
+    assert encoding.hashed_levels == [1] and hasattr(encoding, "vertex_hash_1")
+    with torch.no_grad():
+        for table in encoding.hashed:
+            table.normal_()  # features that vary across the table, so a wrong vertex order shows
+    points = torch.rand(512, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x = (points * 0.5 + 0.5).clamp(0, 1)
+    hashed = encoding._hashed_lookup(x, encoding.resolutions[1], encoding.hashed[0])
+    with torch.no_grad():
+        dense_read = encoding(x)[:, 2:]
+        density = volume.density(points)
+    torch.testing.assert_close(dense_read, hashed.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(density, volume.density(points).detach(), atol=1e-5, rtol=1e-6)
