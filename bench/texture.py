@@ -1,56 +1,50 @@
-"""Benchmark of the `texture` and `edit` stages on the toy prior (CPU): speed and quality bars.
+"""Texture synthesis and edit on user meshes, judged by the ground truth (toy prior, CPU).
 
-    python bench/texture.py                 # everything, toy-cpu preset
-    python bench/texture.py --speed-only    # rasterizer and per-step timings only
-    python bench/texture.py --model /tmp/tt/prior --steps 50   # plumbing with another prior
+    python bench/texture.py --jobs 2 --out runs/bench-texture
+    python bench/texture.py --seeds 1 --steps 50 --out /tmp/bt     # plumbing
+    python bench/texture.py --set texture.lr=0.05 --set edit.lr=0.05 --out /tmp/bt-lr   # a variant
 
-Prints:
-- rasterizer speed: a 20 480-face icosphere at 256² (1 and 4 cameras), and the supersampled 512²
-  the `cpu` backend rasterizes for a 256² render;
-- per-step time split of the texture stage (raster, texture lookup + shading, guidance, backward,
-  optimizer) and its total wall time (bar: ≤ 2 min on 2 cores);
-- texture synthesis: grey meshes of the toy world's shapes textured from "a green cube" and three
-  other colour/shape prompts → share of 8 turntable views the toy evaluator gives the prompted
-  colour (bar ≥ 90 %) and shape, before (grey) and after;
-- edit: an asset made for "a red cube" edited to "a blue cube" → share of views classified blue
-  (bar ≥ 80 %), still a cube, geometry byte-identical.
-Quality needs the trained prior (`csd/toy/prior`) and the evaluator weights; without them the
-quality part says so and is skipped.
+The world's four primitives (`csd.toy.world`: sphere, cube, cone, torus) are written as grey OBJ
+files (no colours, no texture) and each (shape, colour) prompt runs as a catalog row with a `mesh`
+column does (`flows.pipeline.plan_asset`: `mesh` normalises the user mesh, `uv` unwraps it with a
+grey texture, `texture` synthesises one from the prompt; the `--preset`'s configs). One prompt also
+carries an `edit_prompt` (colour A → colour B, same shape), so its `edit` stage runs on the
+textured result. `export` is not run.
+
+Per asset the textured surface is scored with `csd.toy.groundtruth.score_colours` (points uniform
+by area, read through the UVs): `colour_error`, `colour_spread`, `hueless_fraction`; the edit against
+colour B, with `geometry_unchanged` (vertices, faces and UVs equal to the `texture` stage's input).
+Bars (issue 18): error ≤ 0.08, spread ≤ 0.15, hueless ≤ 5 %; edit error to B ≤ 0.10, geometry
+unchanged. Prints one table and writes `results.json` and `contact_sheet.png` into `--out` (one
+row per asset and stage; unlit views around the asset, from above and from below). Stages already
+committed under `--out` with the same identity (config, inputs, code) are reused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-import tempfile
-import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from csd.cameras import orbit_cameras  # noqa: E402
-from csd.raster import MeshRenderer, get_rasterizer  # noqa: E402
-from stages.assets import MESH_OBJ, TexturedMesh, read_textured_mesh, write_textured_mesh  # noqa: E402
-from stages.config import build_config, load_preset  # noqa: E402
-from stages.edit import EditConfig  # noqa: E402
-from stages.edit import run as run_edit  # noqa: E402
-from stages.texture import TextureConfig, evaluate, texture_tensor  # noqa: E402
-from stages.texture import run as run_texture  # noqa: E402
-
-SYNTHESIS_PROMPTS = (("cube", "a green cube"), ("sphere", "a purple sphere"), ("cone", "a red cone"), ("torus", "a blue torus"))
-"""Colour/shape pairs in the toy world's caption form; not yellow, the colour the evaluator gives plain grey."""
+PROMPTS = (("cone", "red", "blue"), ("cube", "green", None), ("sphere", "purple", None), ("torus", "orange", None))
+"""(shape, colour, edit colour): every shape once; the edit row first, as its job runs two stages."""
 RADIUS = 0.6
-"""Bounding radius of the benchmark meshes (the toy world draws 0.45–0.7)."""
+"""Bounding radius of the written meshes (the world draws 0.45–0.7; the `mesh` stage rescales anyway)."""
+SHEET_VIEWS = ((15.0, 0.0), (15.0, 90.0), (15.0, 180.0), (15.0, -90.0), (75.0, 45.0), (-75.0, 45.0))
+"""(elevation, azimuth) of the contact sheet's views: four around, one from above, one from below."""
+CELL = 80
+BARS = {"colour_error": 0.08, "colour_spread": 0.15, "hueless_fraction": 0.05, "edit_error": 0.10}
 
 
 def primitive(shape: str):
-    """A trimesh of the toy world's `shape` at `RADIUS`, z up (as `csd.toy.world._sdf` draws them)."""
+    """A trimesh of the toy world's `shape` at `RADIUS`, z up, dimensions as `csd.toy.world.primitive_sdf`."""
     import trimesh
 
     r = RADIUS
@@ -58,7 +52,7 @@ def primitive(shape: str):
         return trimesh.creation.icosphere(subdivisions=3, radius=r)
     if shape == "cube":
         return trimesh.creation.box((2 * r / 3**0.5,) * 3)
-    if shape == "cone":
+    if shape == "cone":  # base radius 0.8 r at z = −0.7 r, apex at +0.7 r
         cone = trimesh.creation.cone(radius=0.8 * r, height=1.4 * r, sections=48)
         cone.apply_translation((0, 0, -0.7 * r))
         return cone
@@ -67,146 +61,136 @@ def primitive(shape: str):
     raise ValueError(f"unknown shape {shape!r}; valid: sphere, cube, cone, torus")
 
 
-def write_grey_asset(shape: str, directory: Path, size: int = 64) -> Path:
-    """A `uv`-stage hand-off: the primitive unwrapped by xatlas with a flat mid-grey texture."""
-    import xatlas
-
-    mesh = primitive(shape)
-    mapping, faces, uvs = xatlas.parametrize(mesh.vertices, mesh.faces)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_textured_mesh(TexturedMesh(mesh.vertices[mapping], faces, uvs, np.full((size, size, 3), 128, np.uint8)), directory)
-    return directory
+def write_grey_obj(shape: str, directory: Path) -> Path:
+    """The primitive as an OBJ with positions and faces only (what `uv` textures grey)."""
+    path = directory / f"{shape}.obj"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        primitive(shape).export(path, include_normals=False, include_color=False, include_texture=False)
+    return path
 
 
-def _best_of(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def colour_numbers(directory: Path, colour: str) -> dict:
+    from csd.toy import groundtruth as gt
+    from stages.assets import read_textured_mesh
+
+    mesh = read_textured_mesh(directory)
+    score = gt.score_colours(gt.textured_surface_colours(mesh.vertices, mesh.faces, mesh.uvs, mesh.texture), colour)
+    return {"colour_error": score.colour_error, "colour_spread": score.colour_spread, "hueless_fraction": score.hueless_fraction,
+            "nearest_colour": score.nearest_colour}
 
 
-def rasterizer_speed() -> dict[str, float]:
-    import trimesh
+def _one(job: dict) -> dict:
+    import torch
 
-    sphere = trimesh.creation.icosphere(subdivisions=5, radius=0.7)
-    vertices, faces = torch.tensor(sphere.vertices, dtype=torch.float32), torch.tensor(sphere.faces)
-    rasterizer = get_rasterizer("cpu")
-    cameras = orbit_cameras(4)
-    results = {"faces": float(len(faces))}
-    for size, batch in ((256, 1), (256, 4), (512, 1)):
-        seconds = _best_of(lambda: rasterizer.rasterize(vertices, faces, cameras[:batch], size, size), 5)
-        results[f"raster_{size}px_{batch}cam_ms"] = 1000 * seconds
-    return results
+    torch.set_num_threads(1)
+    from flows.catalog import CatalogRow
+    from flows.pipeline import execute_stage, plan_asset
+    from stages.assets import read_textured_mesh
+
+    shape, colour, edit_colour, seed = job["shape"], job["colour"], job["edit_colour"], job["seed"]
+    row = CatalogRow(asset_id=f"{colour}-{shape}-s{seed}", prompt=f"a {colour} {shape}", seed=seed, mesh=job["mesh"],
+                     edit_prompt=f"a {edit_colour} {shape}" if edit_colour else None)
+    overrides = {**({f"{stage}.steps": job["steps"] for stage in ("texture", "edit")} if job["steps"] else {}), **job["overrides"]}
+    plan = plan_asset(row, job["out"], job["preset"], overrides)
+    seconds = {}
+    for stage in plan.stages:
+        if stage.name != "export":
+            outcome = execute_stage(stage)
+            seconds[stage.name] = outcome.result.timings.get("total", 0.0) if outcome.status == "ran" else 0.0
+    out = {**job, "asset_id": row.asset_id, "dir": str(plan.stage("texture").directory.parent), "seconds": seconds,
+           "texture": colour_numbers(plan.stage("texture").directory, colour)}
+    if edit_colour:
+        before, after = read_textured_mesh(plan.stage("texture").directory), read_textured_mesh(plan.stage("edit").directory)
+        same = all(np.array_equal(getattr(before, k), getattr(after, k)) for k in ("vertices", "faces", "uvs"))
+        out["edit"] = {**colour_numbers(plan.stage("edit").directory, edit_colour), "geometry_unchanged": same}
+    return out
 
 
-def _section(preset: dict, stage: str, model: str | None) -> dict:
-    section = {**preset[stage], "model": {**preset["model"], **preset[stage].get("model", {})}}
-    if model:
-        section["model"]["model"] = model
-    return section
+def _views(directory: Path):
+    import torch
+
+    from csd.cameras import make_cameras
+    from csd.raster import MeshRenderer, MeshRendererConfig
+    from stages.assets import read_textured_mesh
+    from stages.common import to_uint8
+
+    mesh = read_textured_mesh(directory)
+    renderer = MeshRenderer(MeshRendererConfig(rasterizer="cpu", background="solid"), mesh.vertices, mesh.faces, mesh.uvs)
+    elevation, azimuth = (torch.tensor(v, dtype=torch.float32) for v in zip(*SHEET_VIEWS))
+    n = len(SHEET_VIEWS)
+    cameras = make_cameras(elevation, azimuth, torch.full((n,), 1.8), torch.full((n,), 50.0))
+    with torch.no_grad():
+        rgb = renderer.render(torch.from_numpy(mesh.texture).float() / 255, cameras, CELL, training=False).rgb
+    return to_uint8(rgb)
 
 
-def _grey_scores(config: TextureConfig, uv: Path, prompt: str) -> dict[str, float]:
-    """Evaluator scores of the untextured (grey) asset against `prompt`, the baseline of synthesis."""
-    mesh = read_textured_mesh(uv)
-    renderer = MeshRenderer(config.renderer, mesh.vertices, mesh.faces, mesh.uvs)
-    return evaluate(config, renderer, texture_tensor(mesh.texture), {"prompt": prompt})
+def contact_sheet(results: list[dict], path: Path) -> None:
+    """Rows: each asset's `texture` (and `edit`) result; columns: `SHEET_VIEWS` (unlit albedo on white)."""
+    import imageio.v3 as iio
+    from PIL import Image, ImageDraw
 
-
-def quality_available(model: str | None) -> str | None:
-    """None when the trained prior and evaluator exist, else why not."""
-    from csd.models import TOY_PRIOR
-    from csd.toy.evaluator import EVALUATOR_WEIGHTS
-
-    if model is None and not (TOY_PRIOR / "model_index.json").exists():
-        return f"the trained toy prior is missing ({TOY_PRIOR})"
-    if not EVALUATOR_WEIGHTS.exists():
-        return f"the toy evaluator weights are missing ({EVALUATOR_WEIGHTS})"
-    return None
+    rows = [(r, "texture") for r in results] + [(r, "edit") for r in results if "edit" in r]
+    label = 190
+    sheet = Image.new("RGB", (label + CELL * len(SHEET_VIEWS), 14 + CELL * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, (elevation, azimuth) in enumerate(SHEET_VIEWS):
+        draw.text((label + c * CELL + 2, 1), f"el {elevation:+.0f} az {azimuth:+.0f}", fill="black")
+    for i, (r, stage) in enumerate(rows):
+        y = 14 + i * CELL
+        s = r[stage]
+        name = f"{r['asset_id']}" + (f" -> {r['edit_colour']}" if stage == "edit" else "")
+        draw.text((2, y + 20), name, fill="black")
+        draw.text((2, y + 36), f"err {s['colour_error']:.2f} spr {s['colour_spread']:.2f}", fill="black")
+        draw.text((2, y + 50), f"hueless {s['hueless_fraction']:.0%}", fill="black")
+        for c, view in enumerate(_views(Path(r["dir"]) / stage)):
+            sheet.paste(Image.fromarray(view), (label + c * CELL, y))
+    iio.imwrite(path, np.asarray(sheet))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="toy-cpu")
-    parser.add_argument("--model", default=None, help="override the preset's model (e.g. an untrained prior for plumbing)")
-    parser.add_argument("--steps", type=int, default=None, help="override the stages' step counts")
-    parser.add_argument("--speed-only", action="store_true")
-    parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
-    parser.add_argument("--work", type=Path, default=None, help="keep stage directories here (default: a temporary folder)")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=0, help="override the texture and edit step counts (0: preset)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override as `csd-asset run --set` takes it (texture.lr=0.05), repeatable")
+    parser.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-texture"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    report: dict[str, object] = {"threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = args.out.resolve()
+    overrides = dict(item.split("=", 1) for item in args.set)
+    meshes = {shape: str(write_grey_obj(shape, out / "meshes")) for shape, _, _ in PROMPTS}
+    jobs = [{"shape": shape, "colour": colour, "edit_colour": edit, "seed": seed, "mesh": meshes[shape], "steps": args.steps,
+             "overrides": overrides, "preset": args.preset, "out": str(out)} for shape, colour, edit in PROMPTS for seed in range(args.seeds)]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(_one, jobs))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
 
-    speed = rasterizer_speed()
-    report["raster"] = speed
-    print(f"rasterizer cpu, {int(speed['faces'])} faces, torch threads {torch.get_num_threads()}:")
-    for key, value in speed.items():
-        if key != "faces":
-            print(f"  {key:28s} {value:8.1f} ms")
-
-    preset = load_preset(args.preset)
-    steps = {"steps": args.steps} if args.steps else {}
-    missing = None if args.speed_only else quality_available(args.model)
-    evaluator = {"evaluator": "toy"} if not args.speed_only and missing is None else {"evaluator": "none"}
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-texture-"))
-
-    grey_cube = write_grey_asset("cube", work / "cube" / "uv")
-    config = build_config(TextureConfig, _section(preset, "texture", args.model), {"prompt": "a green cube", **steps, **evaluator})
-    result = run_texture(config, work / "cube" / "texture-green", inputs={"uv": grey_cube})
-    split = {k: v for k, v in result.timings.items() if k.endswith("_per_step")}
-    report["texture_timings"] = result.timings
-    print(f"\ntexture stage, {args.preset}, {int(result.metrics['steps'])} steps × batch {config.batch_size} at {config.resolution}²:")
-    for key, value in split.items():
-        print(f"  {key:28s} {1000 * value:8.1f} ms")
-    print(f"  {'per step':28s} {1000 * sum(split.values()):8.1f} ms")
-    print(f"  {'stage total':28s} {result.timings['total']:8.1f} s   (bar: <= 120 s)")
-
-    if args.speed_only:
-        _finish(report, args.out)
-        return
-    if missing is not None:
-        print(f"\nquality: unavailable — {missing}")
-        report["quality"] = f"unavailable: {missing}"
-        _finish(report, args.out)
-        return
-
-    synthesis = {"a green cube": (_grey_scores(config, grey_cube, "a green cube"), result.metrics)}
-    for shape, prompt in SYNTHESIS_PROMPTS[1:]:
-        uv = write_grey_asset(shape, work / shape / "uv")
-        config = build_config(TextureConfig, _section(preset, "texture", args.model), {"prompt": prompt, **steps, **evaluator})
-        synthesis[prompt] = (_grey_scores(config, uv, prompt), run_texture(config, work / shape / "texture", inputs={"uv": uv}).metrics)
-    report["synthesis"] = {prompt: {"grey": grey, "textured": textured} for prompt, (grey, textured) in synthesis.items()}
-    print("\ntexture synthesis from a grey mesh (8 turntable views; bar: colour >= 90 %):")
-    print(f"  {'prompt':18s} {'grey colour':>12s} {'colour':>7s} {'shape':>7s} {'both':>7s}")
-    for prompt, (grey, metrics) in synthesis.items():
-        print(
-            f"  {prompt:18s} {grey['prompt_colour_accuracy']:12.0%} {metrics['prompt_colour_accuracy']:7.0%} {metrics['prompt_shape_accuracy']:7.0%} "
-            f"{metrics['prompt_accuracy']:7.0%}"
-        )
-
-    red = build_config(TextureConfig, _section(preset, "texture", args.model), {"prompt": "a red cube", **steps, **evaluator})
-    run_texture(red, work / "cube" / "texture-red", inputs={"uv": grey_cube})
-    edit_config = build_config(
-        EditConfig, _section(preset, "edit", args.model), {"prompt": "a blue cube", "source_prompt": "a red cube", **steps, **evaluator}
-    )
-    edit = run_edit(edit_config, work / "cube" / "edit-blue", inputs={"texture": work / "cube" / "texture-red"})
-    same_geometry = (work / "cube" / "edit-blue" / MESH_OBJ).read_bytes() == (grey_cube / MESH_OBJ).read_bytes()
-    report["edit"] = {**edit.metrics, "geometry_identical": same_geometry, "total_s": edit.timings["total"]}
-    m = edit.metrics
-    print(f"\nedit 'a red cube' -> 'a blue cube' (λ = {edit_config.negative_weight}; bar: blue >= 80 %, still a cube):")
-    print(f"  {'':8s} {'red':>7s} {'blue':>7s} {'cube':>7s}")
-    print(f"  {'before':8s} {m['before_source_colour_accuracy']:7.0%} {m['before_target_colour_accuracy']:7.0%} {m['before_target_shape_accuracy']:7.0%}")
-    print(f"  {'after':8s} {m['after_source_colour_accuracy']:7.0%} {m['after_target_colour_accuracy']:7.0%} {m['after_target_shape_accuracy']:7.0%}")
-    print(f"  geometry byte-identical: {same_geometry}; stage total {edit.timings['total']:.1f} s")
-    _finish(report, args.out)
-
-
-def _finish(report: dict, out: Path | None) -> None:
-    if out is not None:
-        out.write_text(json.dumps(report, indent=2, default=float))
+    print(f"\ntexture synthesis on grey user meshes, preset {args.preset} {overrides or ''}, seeds 0-{args.seeds - 1}"
+          f" (bars: error <= {BARS['colour_error']}, spread <= {BARS['colour_spread']}, hueless <= {BARS['hueless_fraction']:.0%})\n")
+    print("| asset | stage | colour error | colour spread | hueless | nearest | geometry unchanged | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        for stage in ("texture", "edit"):
+            if stage in r:
+                s = r[stage]
+                target = r["edit_colour"] if stage == "edit" else r["colour"]
+                geometry = str(s["geometry_unchanged"]) if stage == "edit" else ""
+                print(f"| {r['asset_id']} | {stage} → {target} | {s['colour_error']:.3f} | {s['colour_spread']:.3f} | "
+                      f"{s['hueless_fraction']:.1%} | {s['nearest_colour']} | {geometry} | {r['seconds'].get(stage, 0):.0f} |")
+    texture = [r["texture"] for r in results]
+    edits = [r["edit"] for r in results if "edit" in r]
+    mean = {k: float(np.mean([t[k] for t in texture])) for k in ("colour_error", "colour_spread", "hueless_fraction")}
+    worst = {k: float(np.max([t[k] for t in texture])) for k in mean}
+    print(f"| **texture mean** | | {mean['colour_error']:.3f} | {mean['colour_spread']:.3f} | {mean['hueless_fraction']:.1%} | | | |")
+    print(f"| **texture worst** | | {worst['colour_error']:.3f} | {worst['colour_spread']:.3f} | {worst['hueless_fraction']:.1%} | | | |")
+    if edits:
+        print(f"| **edit mean** | | {np.mean([e['colour_error'] for e in edits]):.3f} | | | | "
+              f"{all(e['geometry_unchanged'] for e in edits)} | |")
+    contact_sheet(results, out / "contact_sheet.png")
+    print(f"\nwrote {out / 'results.json'} and {out / 'contact_sheet.png'}")
 
 
 if __name__ == "__main__":

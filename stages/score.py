@@ -6,7 +6,8 @@
 
 * `shape_iou`, `shape_margin`, `best_shape` (`csd.toy.groundtruth`: volumetric IoU with the prompted
   primitive fitted over the world's radius, yaw and centre; margin over the best other primitive);
-* `colour_error`, `colour_spread`, `nearest_colour` (area-weighted surface albedo vs the palette);
+* `colour_error`, `colour_spread`, `nearest_colour`, `hueless_fraction` (area-weighted surface albedo
+  vs the palette; the share of the surface without a hue);
 * `colour_accuracy`, `shape_accuracy`, `views`, `view_shapes` (the toy evaluator over orbit views
   rendered as the `export` stage renders its score views; the evaluator may answer a shape that is
   none of the world's, so the counts are keyed by whatever it answers).
@@ -87,7 +88,7 @@ def _shape_numbers(score: gt.ShapeScore) -> dict[str, Any]:
 
 def _colour_numbers(score: gt.ColourScore) -> dict[str, Any]:
     return {"colour_error": score.colour_error, "colour_spread": score.colour_spread, "nearest_colour": score.nearest_colour,
-            "mean_albedo": score.mean_rgb}
+            "hueless_fraction": score.hueless_fraction, "mean_albedo": score.mean_rgb}
 
 
 def score_textured_mesh(mesh: TexturedMesh, prompt: str, views: Tensor | None = None) -> dict[str, Any]:

@@ -10,8 +10,9 @@ and a palette colour. So instead of asking a classifier, we compare an asset wit
   other three, `best_shape` the best-fitting one.
 * **colour** — the area-weighted mean surface albedo (points sampled uniformly over the surface by
   area) against the palette colour: `colour_error` is the RGB distance divided by √3 (so in [0, 1]),
-  `colour_spread` the RMS distance of the surface samples from their mean (same scale), and the
-  nearest palette colour.
+  `colour_spread` the RMS distance of the surface samples from their mean (same scale), the nearest
+  palette colour, and `hueless_fraction`, the share of the surface whose albedo has no hue (chroma
+  below `HUE_CHROMA`: grey, near-black or near-white).
 
 These scores judge; nothing in the pipeline may read them (no loss, seed choice or early stop).
 """
@@ -39,6 +40,13 @@ MAX_OFFSET = 0.25
 """Largest centre offset per axis (world units) the fit may use: world objects sit at the origin."""
 SURFACE_SAMPLES = 20_000
 """Surface points for the colour score."""
+HUE_CHROMA = 0.2
+"""A surface albedo has a hue when its chroma `max(r, g, b) − min(r, g, b)` (the radius of the HSV
+hexcone, saturation × value) is at least this. Chroma rather than HSV saturation: a near-black texel
+such as (0.02, 0.03, 0.02) has saturation 0.33 but shows no colour. The palette's chromas are 0.58
+(green) to 0.93 (orange); with the world's albedo jitter (σ 0.05 per channel) 99.99 % of drawn
+albedos stay above 0.34, so 0.2 counts every world colour as hued and the untextured grey (chroma 0),
+greys tinted by a few hundredths and dark blotches (green at a third of its value: 0.19) as hueless."""
 _SQRT3 = math.sqrt(3.0)
 _REACH = 1.07
 """Farthest point of a world primitive from its centre, in radii (cone base rim: √(0.8² + 0.7²) = 1.063)."""
@@ -255,7 +263,8 @@ def score_field_shape(field, level: float, prompted: str, device="cpu") -> Shape
 @dataclass
 class ColourScore:
     """`colour_error`: |mean albedo − palette colour| / √3; `colour_spread`: RMS distance of the surface
-    samples from their mean / √3; `nearest_colour`: the palette colour nearest the mean."""
+    samples from their mean / √3; `nearest_colour`: the palette colour nearest the mean;
+    `hueless_fraction`: share of the samples (so of the surface, by area) with chroma below `HUE_CHROMA`."""
 
     prompted: str
     colour_error: float
@@ -263,6 +272,7 @@ class ColourScore:
     nearest_colour: str
     mean_rgb: list[float]
     samples: int
+    hueless_fraction: float
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -280,7 +290,8 @@ def score_colours(colours: np.ndarray, prompted: str) -> ColourScore:
     error = float(np.linalg.norm(mean - palette[prompted]) / _SQRT3)
     spread = float(np.sqrt(((colours - mean) ** 2).sum(1).mean()) / _SQRT3)
     nearest = min(palette, key=lambda name: np.linalg.norm(mean - palette[name]))
-    return ColourScore(prompted, error, spread, nearest, mean.tolist(), len(colours))
+    hueless = float((colours.max(1) - colours.min(1) < HUE_CHROMA).mean())
+    return ColourScore(prompted, error, spread, nearest, mean.tolist(), len(colours), hueless)
 
 
 def sample_surface(vertices: np.ndarray, faces: np.ndarray, count: int = SURFACE_SAMPLES, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

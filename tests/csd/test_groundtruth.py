@@ -163,6 +163,28 @@ def test_two_tone_surface_has_spread():
     assert score.colour_error > 0.15
 
 
+def test_hueless_fraction_is_the_grey_share_of_the_surface():
+    vertices, faces, uvs, _ = _textured_sphere(COLOURS["red"])
+    grey, red = np.full(3, 128, np.uint8), (np.array(COLOURS["red"]) * 255).round().astype(np.uint8)
+
+    def hueless(left, right):
+        texture = np.zeros((64, 64, 3), dtype=np.uint8)
+        texture[:, :32], texture[:, 32:] = left, right
+        return gt.score_colours(gt.textured_surface_colours(vertices, faces, uvs, texture), "red").hueless_fraction
+
+    assert hueless(grey, grey) == 1.0
+    assert hueless(red, red) == 0.0
+    # the texture's halves cover the two halves of the sphere (x < 0, x > 0): equal areas; the bilinear
+    # lookup blends the half-texel strip beside the split (about 2 % of the surface) towards red
+    assert hueless(grey, red) == pytest.approx(0.5, abs=0.035)
+    # every palette colour, jittered as the world draws albedos, has a hue; a dark blotch of it has none
+    rng = np.random.default_rng(0)
+    for colour in COLOURS.values():
+        jittered = np.clip(np.array(colour) + 0.05 * rng.standard_normal((2000, 3)), 0, 1)
+        assert gt.score_colours(jittered, "red").hueless_fraction == 0.0
+        assert gt.score_colours(np.array([colour]) * 0.2, "red").hueless_fraction == 1.0
+
+
 def test_field_surface_colour():
     field = _SdfField(_primitive("sphere", 0.5), albedo=COLOURS["green"])
     score = gt.score_colours(gt.field_surface_colours(field, 25.0, count=2000, resolution=48), "green")

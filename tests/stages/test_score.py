@@ -32,7 +32,7 @@ def test_textured_stage_scores_its_primitive_and_colour(tmp_path):
     commit_uv(tmp_path / "uv", textured_cube())
     numbers = score_stage("uv", tmp_path / "uv", "a red cube")
     assert numbers["best_shape"] == "cube" and numbers["shape_iou"] >= 0.97 and numbers["shape_margin"] > 0.2
-    assert numbers["colour_error"] < 0.01 and numbers["nearest_colour"] == "red"
+    assert numbers["colour_error"] < 0.01 and numbers["nearest_colour"] == "red" and numbers["hueless_fraction"] == 0.0
     assert numbers["views"] == 8 and sum(numbers["view_shapes"].values()) == 8
     assert 0.0 <= numbers["colour_accuracy"] <= 1.0 and 0.0 <= numbers["shape_accuracy"] <= 1.0
     wrong = score_stage("uv", tmp_path / "uv", "a blue sphere")

@@ -148,3 +148,44 @@ def test_texture_image_sampling_agrees_with_the_composed_image():
     rasterizer = get_rasterizer("cpu")
     sampled = texture.sample(lambda image: rasterizer.texture(image, centres))[0]
     assert torch.allclose(sampled, texture(), atol=1e-5), "lookups at texel centres equal the exported texels"
+
+
+def test_toy_preset_trains_on_lit_views_from_above_and_below(if_like_model):
+    """The toy prior only ever saw lit images (`csd.toy.world` shades every render ambient + lambert):
+    unlit views ask it for shade the albedo then bakes in as dark blotches. A user mesh's underside
+    must face some of the cameras, or it keeps the grey `uv` gave it."""
+    from csd.cameras import sample_cameras
+
+    for config in (_texture_config(if_like_model), _edit_config(if_like_model)):
+        assert {mode for mode, p in config.shading_probs.items() if p > 0} == {"diffuse"}
+        cameras = sample_cameras(2000, config.cameras, torch.Generator().manual_seed(0))
+        assert float((cameras.elevation < -30).float().mean()) > 0.1, "views from well below"
+        assert float((cameras.elevation > 30).float().mean()) > 0.1, "and from well above"
+
+
+def test_coarse_levels_colour_faces_no_camera_sees(if_like_model, tmp_path):
+    """With the preset's texture levels (down to 1×1) the colour every view asks for reaches a face
+    that no view shows: here the bottom of a box seen only from 30-45° above, on a 256² texture
+    like the `uv` stage's (4 levels stop at 32², cells of 8 texels that the bottom's chart keeps
+    to itself, and its middle stays grey)."""
+    import trimesh
+    import xatlas
+
+    box = trimesh.creation.box((0.9, 0.9, 0.9))
+    mapping, faces, uvs = xatlas.parametrize(box.vertices, box.faces)
+    vertices = box.vertices[mapping]
+    (tmp_path / "uv").mkdir()
+    write_textured_mesh(TexturedMesh(vertices, faces, uvs, np.full((256, 256, 3), GREY, np.uint8)), tmp_path / "uv")
+    config = _texture_config(if_like_model, **{"cameras.elevation_range": (30.0, 45.0)})
+    run_texture(config, tmp_path / "texture", inputs={"uv": tmp_path / "uv"})
+    texture = read_textured_mesh(tmp_path / "texture").texture.astype(int)
+
+    normals = np.cross(vertices[faces[:, 1]] - vertices[faces[:, 0]], vertices[faces[:, 2]] - vertices[faces[:, 0]])
+
+    def middle_texels(selected):  # the texel under each selected face's centroid
+        centre = uvs[faces[selected]].mean(1)
+        return texture[((1 - centre[:, 1]) * 256).astype(int), (centre[:, 0] * 256).astype(int)]
+
+    top, bottom = middle_texels(normals[:, 2] > 0.5), middle_texels(normals[:, 2] < -0.5)
+    assert np.abs(top - GREY).max() > 10, "the seen top changed"
+    assert np.abs(bottom - GREY).max() > 5, "the unseen bottom changed with it"
