@@ -151,10 +151,7 @@ class HashGridEncoding(nn.Module):
             axis_hash, axis_weight = axis_hash.index_select(1, bits[d]), axis_weight.index_select(1, bits[d])  # (N, 8)
             index = axis_hash if index is None else index ^ axis_hash
             weight = axis_weight if weight is None else weight * axis_weight
-        size = table.shape[0]
-        # the hashes are non-negative: for a power-of-two table the modulo is a mask
-        index = index & (size - 1) if size & (size - 1) == 0 else index % size
-        corners = table.index_select(0, index.view(-1)).view(-1, 8, table.shape[1])
+        corners = table.index_select(0, _table_rows(index, table.shape[0]).view(-1)).view(-1, 8, table.shape[1])
         return (weight[..., None] * corners).sum(1)
 
 
@@ -167,7 +164,11 @@ def _vertex_hashes(vertices: int, size: int) -> Tensor:
     the same hash as `HashGridEncoding._hashed_lookup`."""
     axis = torch.arange(vertices)
     hashes = (axis[:, None, None] * _PRIMES[0]) ^ (axis[None, :, None] * _PRIMES[1]) ^ (axis[None, None, :] * _PRIMES[2])
-    hashes = hashes.view(-1)
+    return _table_rows(hashes.view(-1), size)
+
+
+def _table_rows(hashes: Tensor, size: int) -> Tensor:
+    """Spatial hashes (non-negative) → rows of a `size`-row table: for a power of two the modulo is a mask."""
     return hashes & (size - 1) if size & (size - 1) == 0 else hashes % size
 
 
