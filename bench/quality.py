@@ -158,7 +158,8 @@ def main() -> None:
     jobs = [
         {"method": m, "prompt": p, "seed": s, "steps": args.steps, "texture_steps": args.texture_steps, "preset": args.preset,
          "out": str(args.out)}
-        for m in methods for p in prompts for s in sorted(seeds)
+        # seed-major, methods side by side: a benchmark cut short still holds whole method comparisons
+        for s in sorted(seeds) for p in prompts for m in methods
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     new: list[dict] = []
