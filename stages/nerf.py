@@ -35,6 +35,12 @@ from stages.loop import DistillationLoop, pick_shading, shading_probs_check
 log = logging.getLogger(__name__)
 
 
+class FieldCollapsed(ValueError):
+    """The field rendered nothing that depends on its weights: every sample fell below the occupancy
+    grid's and the renderer's alpha thresholds, so no gradient reaches the field and no later step can
+    bring it back. A `ValueError`: a retry resumes from the checkpoint and collapses again."""
+
+
 @dataclass(frozen=True)
 class NerfConfig:
     """Everything the `nerf` stage needs; presets fill it, catalog rows override it."""
@@ -155,6 +161,13 @@ def run(
                 guided = guidance(z, prompts(cameras.elevation, cameras.azimuth), step, generator)
             sparsity = (out.opacity**2 + 0.01).sqrt().mean()
             loss = guided.loss + lambda_orientation * out.orientation + schedule_value(config.lambda_sparsity, step) * sparsity
+            if not loss.requires_grad:
+                raise FieldCollapsed(
+                    f"nerf {config.prompt!r}: the field is empty at step {step + 1} of {config.steps} (mean opacity "
+                    f"{float(out.opacity.mean()):.3g}; no sample above the occupancy / alpha thresholds, so no gradient "
+                    "reaches it): the guidance drove every density to zero. Try another seed, a lower guidance or "
+                    "negative scale, or a sparsity/occupancy setting that keeps the object"
+                )
             with timer("backward"):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

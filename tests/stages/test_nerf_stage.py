@@ -74,3 +74,28 @@ def test_bad_config_is_rejected_before_work(if_like_model, tmp_path):
     with pytest.raises(ValueError, match="unknown shading"):
         run(_config(if_like_model, shading_probs={"phong": 1.0}), tmp_path / "nerf")
     assert not (tmp_path / "nerf").exists()
+
+
+def test_a_field_that_renders_nothing_fails_clearly_and_commits_nothing(if_like_model, tmp_path, monkeypatch):
+    """An annealed negative prompt drove a toy field to zero density at step ~400 (bench/quality.py);
+    the loss then has no gradient, and the stage must say so instead of an autograd error."""
+    from csd.renderer import VolumeRenderer
+    from stages.nerf import FieldCollapsed
+
+    original, calls = VolumeRenderer.render, []
+
+    def emptied_from_the_third_step(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) < 3:
+            return out
+        # what a collapsed field renders: the background alone, no sample depends on the weights
+        return type(out)(out.rgb.detach(), torch.zeros_like(out.opacity), None, None, out.orientation.detach())
+
+    monkeypatch.setattr(VolumeRenderer, "render", emptied_from_the_third_step)
+    steps = []
+    with pytest.raises(FieldCollapsed, match=r"the field is empty at step (\d) of 8 \(mean opacity 0\b") as raised:
+        run(_config(if_like_model), tmp_path / "nerf", callback=lambda step, metrics: steps.append(step))
+    assert steps and f"at step {steps[-1] + 1} of 8" in str(raised.value), "raised at the first step that rendered nothing"
+    assert issubclass(FieldCollapsed, ValueError), "a retry cannot fix it (flows.flow PERMANENT_ERRORS)"
+    assert completed(tmp_path / "nerf") is None and not (tmp_path / "nerf").exists()
