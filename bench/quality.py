@@ -46,8 +46,15 @@ def _one(job: dict) -> dict:
     from stages.config import build_config, load_preset
     from stages.score import score_stage
 
-    nerf_quality._one(job)  # runs the nerf stage, or reuses a finished one with the same config
+    from csd.mesh import EmptyIsosurfaceError
+    from stages.nerf import FieldCollapsed
+
     run_dir = Path(job["out"]) / job["method"] / f"{job['prompt'].replace(' ', '_')}-{job['seed']}"
+    try:
+        nerf_quality._one(job)  # runs the nerf stage, or reuses a finished one with the same config
+    except (FieldCollapsed, EmptyIsosurfaceError) as error:
+        # a run that made no object is a miss, counted with IoU 0 (an empty field overlaps no primitive)
+        return {**job, "dir": str(run_dir), "failed": str(error), "scores": {stage: {"shape_iou": 0.0, "failed": True} for stage in STAGES}}
     nerf_dir, later = run_dir, run_dir / "pipeline"
     preset = load_preset(job["preset"])
     texture_overrides = {"prompt": job["prompt"], "seed": job["seed"]}
@@ -123,10 +130,11 @@ def _contact_sheet(results: list[dict], methods: list[str], prompts: list[str], 
         draw.text((2, 16 + row * CELL + CELL // 2), prompt, fill="black")
         for c, (method, seed) in enumerate(columns):
             r = index.get((method, prompt, seed))
-            if r is None:
+            x, y = label + c * CELL, 16 + row * CELL
+            if r is None or r.get("failed"):
+                draw.text((x + 2, y + CELL // 2), "no object" if r else "", fill="red")
                 continue
             view = render_views(read_textured_mesh(Path(r["dir"]) / "pipeline" / "texture"), count=1, resolution=CELL)
-            x, y = label + c * CELL, 16 + row * CELL
             sheet.paste(Image.fromarray(to_uint8(view)[0]), (x, y))
             iou = r["scores"]["texture"].get("shape_iou")
             draw.text((x + 2, y + CELL - 12), f"IoU {iou:.2f}" if iou is not None else "-", fill="black")
@@ -173,8 +181,8 @@ def main() -> None:
     order = {key(job): i for i, job in enumerate(jobs)}
     results = sorted(new, key=lambda r: order[key(r)])
     print(f"\n{len(prompts)} prompts x seeds {sorted(seeds)}, preset {args.preset}\n")
-    print("| method | stage | shape_iou mean | min | quartiles | colour_error mean | min | quartiles | open-set colour | open-set shape |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | stage | shape_iou mean | min | quartiles | colour_error mean | min | quartiles | open-set colour | open-set shape | no object |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for method in methods:
         for stage in STAGES:
             rows = [r["scores"][stage] for r in results if r["method"] == method and "shape_iou" in r["scores"][stage]]
@@ -185,7 +193,8 @@ def main() -> None:
             accuracy = [(s["colour_accuracy"], s["shape_accuracy"]) for s in rows if "colour_accuracy" in s]
             colour_cell = _quartiles(colour) if colour else "- | - | -"
             acc = f"{np.mean([a[0] for a in accuracy]):.0%} | {np.mean([a[1] for a in accuracy]):.0%}" if accuracy else "- | -"
-            print(f"| {method} | {stage} | {iou} | {colour_cell} | {acc} |")
+            failed = sum(1 for s in rows if s.get("failed"))
+            print(f"| {method} | {stage} | {iou} | {colour_cell} | {acc} | {failed} of {len(rows)} |")
     worst = sorted(results, key=lambda r: r["scores"]["texture"].get("shape_iou", 0.0))[:5]
     print("\nworst textured assets (shape_iou, best_shape, colour_error):")
     for r in worst:
