@@ -47,8 +47,8 @@ from prefect.runtime import flow_run
 from csd.models import ModelNotFoundError
 from flows.catalog import CatalogRow
 from flows.pipeline import (
-    ASSET_RECORD, DEFAULT_PRESET, STAGE_NAMES, AssetPlan, AssetRecord, BatchRecord, PlannedStage, StageOutcome, current_worker,
-    execute_stage, load_catalog, owning, plan_asset, run_asset,
+    ASSET_RECORD, DEFAULT_PRESET, STAGE_NAMES, AssetPlan, AssetRecord, BatchRecord, PlannedStage, StageOutcome, close_abandoned,
+    current_worker, execute_stage, load_catalog, owning, plan_asset, run_asset,
 )
 from flows.store import LEASE_SECONDS, open_store
 from flows.tracking import Tracker, run_link, sync_pending, tracking_uri
@@ -340,9 +340,12 @@ def batch(
             if workers is not None:
                 _STAGE_POOL = None
                 workers.close()
-        # an asset whose every attempt crashed left its record running: ended once its lock is free (a dead
+        # an asset whose every attempt crashed left its record running: ended once its lock frees (a dead
         # machine's lease lapses within LEASE_SECONDS), unless a run of it is still going
-        sync_pending(store, [f"{asset_id}/{ASSET_RECORD}" for asset_id, record in records.items() if record is None], LEASE_SECONDS)
+        crashed = [f"{asset_id}/{ASSET_RECORD}" for asset_id, record in records.items() if record is None]
+        for rel in crashed:
+            close_abandoned(store, rel, LEASE_SECONDS)
+        sync_pending(store, crashed)
         statuses = {asset_id: record.status if record else "crashed" for asset_id, record in records.items()}
         sheet = _write_contact_sheet(store, list(records), batch_id)
         failed = sorted(a for a, status in statuses.items() if status in ("failed", "crashed"))

@@ -280,14 +280,14 @@ class Tracker:
             client.set_tag(run_id, DIGEST_TAG, digest)
 
 
-def sync_pending(store, rels: list[str] | None = None, wait: float = 0.0) -> list[str]:
+def sync_pending(store, rels: list[str] | None = None) -> list[str]:
     """Sync each record listed in `.tracking-pending/` (or `rels`; batches first: they hold the parents) to its store and
-    experiment, ending first one a dead process left running (`close_abandoned`, `wait`: s for its lock); returns those not synced."""
+    experiment, ending first one that a dead process left running (`close_abandoned`); returns those not synced."""
     trackers: dict[tuple[str, str], Tracker] = {}
     left = []
     listed = filter(None, map(store.read_text, store.glob(f"{PENDING}/*.txt"))) if rels is None else rels
     for rel in sorted(listed, key=lambda r: not r.startswith("batches/")):
-        close_abandoned(store, rel, wait)
+        close_abandoned(store, rel)
         link = (_json(store, rel) or {}).get("tracking") or {}
         where = (link.get("uri") or tracking_uri(store.local), link.get("experiment") or "csd-asset")
         tracker = trackers.setdefault(where, Tracker(*where))

@@ -370,3 +370,34 @@ def test_a_batch_killed_mid_stage_leaves_no_run_running_after_sync_tracking(pref
         tracker = Tracker(uri, "killed")
         assert tracker.sync(open_store(out), "box/asset.json") and tracker.sync(open_store(out), f"batches/{batch['batch_id']}/batch.json")
     assert writes == [] and not list(out.glob(f"{PENDING}/*.txt")), "syncing again changes nothing"
+
+
+def test_a_batch_ends_the_record_of_an_asset_whose_every_attempt_crashed(prefect_server, tmp_path, empty_store, monkeypatch):
+    import flows.flow
+
+    def every_attempt_crashed(row, out, tracking, **parameters):
+        """What `submit_asset` leaves when the asset's last attempt crashed too: its record running, its stage's
+        run live in MLflow, no hand-off copy for the batch, and no process (no lock held)."""
+        plan = plan_asset(CatalogRow.from_dict(row), out)
+        key = f"{tracking['key']}/{row['asset_id']}"
+        link = {**tracking, "key": key, "stage_prefix": key, "parent_key": tracking["key"], "tags": {}}
+        record = AssetRecord.start(plan, link)
+        record.stages["mesh"]["status"] = "running"
+        record.save(plan.store)
+        tracker = Tracker(link["uri"], link["experiment"])
+        assert tracker.sync(plan.store, "box/asset.json", dataclasses.asdict(record))
+        tracker.live(link, "mesh")(1, {"loss": 1.0})
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(flows.flow, "asset", every_attempt_crashed)
+    (tmp_path / "catalog.csv").write_text(f"asset_id,prompt,seed,mesh\nbox,a red cube,0,{CUBE}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copyfile(empty_store, out / "mlflow.db")
+    state = flows.flow.batch(catalog=str(tmp_path / "catalog.csv"), out=str(out), experiment=EXPERIMENT, return_state=True)
+    assert state.is_failed()
+    statuses = _statuses(f"sqlite:///{out / 'mlflow.db'}")
+    assert sorted(statuses.values()) == ["FAILED"] * 3, f"batch, asset and its stage: no sync-tracking needed: {statuses}"
+    record = AssetRecord.load(out, "box")
+    assert record.status == "failed" and "stage 'mesh' of asset 'box' did not finish" in record.stages["mesh"]["error"]
+    assert not list(out.glob(f"{PENDING}/*.txt"))
