@@ -116,12 +116,14 @@ def _asset_link(plan: AssetPlan, tracking: dict[str, Any] | None, rerun: bool) -
     earlier = previous.tracking if previous else {}
     if rerun and earlier.get("key"):
         tracker = Tracker(earlier["uri"], earlier["experiment"])
-        return tracker, {**earlier, "stage_prefix": f"{earlier['key']}/rerun-{flow_run.id or uuid.uuid4().hex}", "rerun": True}
+        return tracker, {**earlier, "stage_prefix": f"{earlier['key']}/rerun-{flow_run.id or uuid.uuid4().hex}", "rerun": True,
+                         "batch_record": None}  # not its batch's to end
     tracker = Tracker(tracking["uri"], tracking["experiment"]) if tracking else Tracker(tracking_uri(plan.store.local), DEFAULT_EXPERIMENT)
     tracking = tracking or {}
     key = f"{tracking.get('key') or 'asset/' + (flow_run.id or uuid.uuid4().hex)}/{plan.row.asset_id}"
     return tracker, {**tracker.link(), "key": key, "stage_prefix": key, "parent_key": tracking.get("key"),
-                     "batch_id": tracking.get("batch_id"), "tags": _asset_tags(plan, tracking.get("catalog"))}
+                     "batch_id": tracking.get("batch_id"), "batch_record": tracking.get("batch_record"),
+                     "tags": _asset_tags(plan, tracking.get("catalog"))}
 
 
 @flow(name=ASSET_FLOW, flow_run_name="{row[asset_id]}")
@@ -316,7 +318,7 @@ def batch(
                 "row": row.to_dict(), "out": out, "preset": preset, "overrides": overrides,
                 "rerun_stage": rerun_stage if rerun_stage in stages_of[row.asset_id] else None,
                 "stage_retries": stage_retries, "stage_retry_delay_s": stage_retry_delay_s,
-                "tracking": {**batch_record.tracking, "catalog": catalog, "batch_id": batch_id},
+                "tracking": {**batch_record.tracking, "catalog": catalog, "batch_id": batch_id, "batch_record": batch_record.rel},
             }
             if asset_deployment:
                 submit_asset(asset_deployment, parameters, asset_key(batch_id, parsed.fingerprint, parameters, batch_try),
@@ -344,7 +346,7 @@ def batch(
         # machine's lease lapses within LEASE_SECONDS), unless a run of it is still going
         crashed = [f"{asset_id}/{ASSET_RECORD}" for asset_id, record in records.items() if record is None]
         for rel in crashed:
-            close_abandoned(store, rel, LEASE_SECONDS)
+            close_abandoned(store, rel, LEASE_SECONDS, by_its_batch=True)
         sync_pending(store, crashed)
         statuses = {asset_id: record.status if record else "crashed" for asset_id, record in records.items()}
         sheet = _write_contact_sheet(store, list(records), batch_id)

@@ -421,7 +421,8 @@ class AssetRecord:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     tracking: dict[str, Any] = field(default_factory=dict)
     """Where and under which keys `flows.tracking` syncs this record: the MLflow URI and experiment,
-    the asset run's key (a stage rerun logs under it), its parent's, the run tags; once synced, the run id."""
+    the asset run's key (a stage rerun logs under it), its parent's, the run tags; once synced, the run id;
+    `batch_record`, the record of the batch that submitted it (`close_abandoned` leaves it to a live batch)."""
     started_at: str = ""
     finished_at: str = ""
     wall_seconds: float = 0.0
@@ -537,21 +538,25 @@ def owning(store: Store, record: AssetRecord | BatchRecord, saved: Callable[[Any
             raise
 
 
-def close_abandoned(store: Store, rel: str, wait: float = 0.0) -> bool:
+def close_abandoned(store: Store, rel: str, wait: float = 0.0, by_its_batch: bool = False) -> bool:
     """End the record at `rel` (an `asset.json` or a `batch.json`) as failed if it says running while
     no process owns it, i.e. its lock is free or frees within `wait` seconds (a dead process's flock is
     released by the kernel, its lease expires); True when it did. A held lock means running, on this
-    machine or another: that record is left alone. Failed (MLflow FAILED), not killed: MLflow's KILLED is
-    a run a user stopped, while how this one ended is not known, and like any failed asset it needs another run."""
+    machine or another: that record is left alone; so is an asset's while its batch runs (the batch's
+    lock held), unless `by_its_batch`: the batch may submit the asset again, continuing its MLflow runs,
+    and ends the record itself otherwise. Failed (MLflow FAILED), not killed: MLflow's KILLED is a run a
+    user stopped, while how this one ended is not known, and like any failed asset it needs another run."""
     try:
         with store.lock(_lock_of(store, rel), timeout=wait):
             data = json.loads(store.read_text(rel) or "null")
             if not data or data.get("status") != "running":
                 return False
-            record = (BatchRecord if "assets" in data else AssetRecord)(**data)
-            record.end(_abandoned(record.worker))
-            record.save(store)
-            return True
+            batch = None if by_its_batch else (data.get("tracking") or {}).get("batch_record")
+            with store.lock(_lock_of(store, batch), timeout=0) if batch else contextlib.nullcontext():
+                record = (BatchRecord if "assets" in data else AssetRecord)(**data)
+                record.end(_abandoned(record.worker))
+                record.save(store)
+                return True
     except TimeoutError:
         return False
 

@@ -241,7 +241,9 @@ def _statuses(uri: str, experiment: str = EXPERIMENT) -> dict[str, str]:
 
 
 def _asset_link(uri: str, key: str) -> dict:
-    return {"uri": uri, "experiment": EXPERIMENT, "key": key, "stage_prefix": key, "parent_key": None, "tags": {"asset_id": "box"}}
+    batch = key.split("/")[1]
+    return {"uri": uri, "experiment": EXPERIMENT, "key": key, "stage_prefix": key, "parent_key": None, "tags": {"asset_id": "box"},
+            "batch_record": f"batches/{batch}/batch.json"}
 
 
 def _sync_as_the_flow_does(plan):
@@ -287,12 +289,13 @@ def test_a_killed_asset_run_ends_failed_at_sync_tracking_once_its_lock_is_free_a
     out = str(plan.store.local)
     assert _statuses(uri) == {"batch/B1/box": "RUNNING", "batch/B1/box/mesh": "FINISHED", "batch/B1/box/uv": "RUNNING"}
 
-    with plan.store.lock(plan.store.local / "box" / "asset"):  # a live owner: on another machine, say
-        assert main(["sync-tracking", "--out", out]) == 0
-        assert _statuses(uri)["batch/B1/box"] == "RUNNING", "a held lock means running: nothing is ended"
+    for owner in ("box/asset", "batches/B1/batch"):  # a live owner (on another machine, say), or its batch, which may resubmit it
+        with plan.store.lock(plan.store.local / owner):
+            assert main(["sync-tracking", "--out", out]) == 0
+            assert _statuses(uri)["batch/B1/box"] == "RUNNING", f"{owner}.lock held: nothing is ended"
     assert main(["sync-tracking", "--out", out]) == 0
     assert _statuses(uri) == {"batch/B1/box": "FAILED", "batch/B1/box/mesh": "FINISHED", "batch/B1/box/uv": "FAILED"}
-    assert capsys.readouterr().out.count("1 record(s) still running") == 1, "said by the sync while the lock was held"
+    assert capsys.readouterr().out.count("1 record(s) still running") == 2, "said by each sync while a lock was held"
     ended = _state(uri)
     assert "did not finish" in ended["batch/B1/box/uv"]["tags"]["error"] and f"pid {pid})" in ended["batch/B1/box/uv"]["tags"]["error"]
     assert "error.txt" in ended["batch/B1/box/uv"]["artifacts"]
