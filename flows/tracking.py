@@ -275,7 +275,7 @@ class Tracker:
                     (Path(scratch) / name).write_text(text)
                 if view.files or view.texts:
                     client.log_artifacts(run_id, scratch)
-            if view.status != "RUNNING" or run.info.status != "RUNNING":  # RUNNING again: ended as abandoned, then continued
+            if view.status != "RUNNING" or run.info.status != "RUNNING":  # RUNNING again: a rerun under its key
                 client.set_terminated(run_id, view.status, end_time=view.end_ms)
             client.set_tag(run_id, DIGEST_TAG, digest)
 
