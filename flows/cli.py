@@ -233,12 +233,16 @@ def rerun(args: argparse.Namespace) -> int:
 
 def sync_tracking(args: argparse.Namespace) -> int:
     """Make MLflow match the batch and asset records that could not be synced when they were written
-    (server down). Exits 1 while some stay pending, so that a cron job or CI step notices."""
+    (server down), and those still running, ending as failed each whose process is gone (its lock is
+    free). Exits 1 while some stay unsynced, so that a cron job or CI step notices."""
     from flows.store import open_store
-    from flows.tracking import sync_pending
+    from flows.tracking import PENDING, sync_pending
 
-    left = sync_pending(open_store(args.out))
+    store = open_store(args.out)
+    left = sync_pending(store)
     print(f"{args.out}: {len(left)} record(s) still not synced to MLflow" if left else f"{args.out}: MLflow is in sync")
+    if running := len(store.glob(f"{PENDING}/*.txt")) - len(left):
+        print(f"  {running} record(s) still running: their processes hold their locks")
     for problem in left:
         print(f"  {problem}")
     return 1 if left else 0

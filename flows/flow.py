@@ -47,10 +47,10 @@ from prefect.runtime import flow_run
 from csd.models import ModelNotFoundError
 from flows.catalog import CatalogRow
 from flows.pipeline import (
-    ASSET_RECORD, DEFAULT_PRESET, STAGE_NAMES, AssetPlan, AssetRecord, BatchRecord, PlannedStage, StageOutcome, execute_stage,
-    load_catalog, plan_asset, run_asset,
+    ASSET_RECORD, DEFAULT_PRESET, STAGE_NAMES, AssetPlan, AssetRecord, BatchRecord, PlannedStage, StageOutcome, close_abandoned,
+    current_worker, execute_stage, load_catalog, owning, plan_asset, run_asset,
 )
-from flows.store import open_store
+from flows.store import LEASE_SECONDS, open_store
 from flows.tracking import Tracker, run_link, sync_pending, tracking_uri
 from flows.workers import StagePool
 from stages.common import StepCallback
@@ -116,12 +116,14 @@ def _asset_link(plan: AssetPlan, tracking: dict[str, Any] | None, rerun: bool) -
     earlier = previous.tracking if previous else {}
     if rerun and earlier.get("key"):
         tracker = Tracker(earlier["uri"], earlier["experiment"])
-        return tracker, {**earlier, "stage_prefix": f"{earlier['key']}/rerun-{flow_run.id or uuid.uuid4().hex}", "rerun": True}
+        return tracker, {**earlier, "stage_prefix": f"{earlier['key']}/rerun-{flow_run.id or uuid.uuid4().hex}", "rerun": True,
+                         "batch_record": None}  # not its batch's to end
     tracker = Tracker(tracking["uri"], tracking["experiment"]) if tracking else Tracker(tracking_uri(plan.store.local), DEFAULT_EXPERIMENT)
     tracking = tracking or {}
     key = f"{tracking.get('key') or 'asset/' + (flow_run.id or uuid.uuid4().hex)}/{plan.row.asset_id}"
     return tracker, {**tracker.link(), "key": key, "stage_prefix": key, "parent_key": tracking.get("key"),
-                     "batch_id": tracking.get("batch_id"), "tags": _asset_tags(plan, tracking.get("catalog"))}
+                     "batch_id": tracking.get("batch_id"), "batch_record": tracking.get("batch_record"),
+                     "tags": _asset_tags(plan, tracking.get("catalog"))}
 
 
 @flow(name=ASSET_FLOW, flow_run_name="{row[asset_id]}")
@@ -152,9 +154,16 @@ def asset(
         return stage_task(stage, force, tracker.live(link, stage.name))
 
     rel = f"{plan.row.asset_id}/{ASSET_RECORD}"
-    record = run_asset(plan, rerun_stage=rerun_stage, execute=execute, tracking=link, saved=lambda r: tracker.sync(plan.store, rel, dataclasses.asdict(r)))
-    record.tracking.update(asset_run_id=tracker.run_ids.get(link["key"]), experiment_id=tracker.experiment_id, failures=tracker.failures)
-    record.save(plan.store)
+
+    def saved(record: AssetRecord) -> None:
+        if record.tracking.get("stage_prefix") != link["stage_prefix"]:  # an abandoned earlier run, which run_asset ended
+            if record.tracking.get("uri"):  # its runs may be in another experiment
+                Tracker(record.tracking["uri"], record.tracking["experiment"]).sync(plan.store, rel, dataclasses.asdict(record))
+            return
+        tracker.sync(plan.store, rel, dataclasses.asdict(record))
+        record.tracking.update(asset_run_id=tracker.run_ids.get(link["key"]), experiment_id=tracker.experiment_id, failures=tracker.failures)
+
+    record = run_asset(plan, rerun_stage=rerun_stage, execute=execute, tracking=link, saved=saved)
     if (tracking or {}).get("batch_id"):
         record.hand_to_batch(plan.store, tracking["batch_id"])
     if record.status == "failed":
@@ -281,7 +290,7 @@ def batch(
     rows = parsed.select(only)
     stages_of = {plan.row.asset_id: {s.name for s in plan.stages} for plan in plans}
     tracker = Tracker(tracking_uri(store.local), experiment or f"{DEFAULT_EXPERIMENT}/{Path(catalog).stem}")
-    sync_pending(store)  # what earlier runs could not sync
+    sync_pending(store)  # what earlier runs could not sync, and the records dead runs left running
     started = datetime.now(timezone.utc)
     batch_id = flow_run.id or uuid.uuid4().hex
     batch_try = flow_run.run_count or 1
@@ -292,62 +301,70 @@ def batch(
               "prefect_flow_run_id": flow_run.id, "prefect_flow_run_url": flow_run.ui_url, "git_commit": code_version()},
         params={"catalog": catalog, "preset": preset, "out": out, "assets": len(rows), "only": ",".join(only or []),
                 "overrides": overrides or {}, "rerun_stage": rerun_stage},
+        worker=current_worker(),
     )
-    batch_record.save(store)
-    tracker.sync(store, batch_record.rel)
+    with owning(store, batch_record, lambda record: tracker.sync(store, record.rel)):  # ended as failed if an error escapes
+        batch_record.save(store)
+        tracker.sync(store, batch_record.rel)
 
-    def make(row: CatalogRow) -> AssetRecord | None:
-        if batch_try > 1:
-            # a retried batch reuses the assets its earlier run completed (their records it kept)
-            kept = AssetRecord.collect(store, row.asset_id, batch_id)
-            if kept is not None and kept.status == "completed":
-                log.info("asset %s: completed in an earlier run of this batch; reused", row.asset_id)
-                return kept
-        parameters = {
-            "row": row.to_dict(), "out": out, "preset": preset, "overrides": overrides,
-            "rerun_stage": rerun_stage if rerun_stage in stages_of[row.asset_id] else None,
-            "stage_retries": stage_retries, "stage_retry_delay_s": stage_retry_delay_s,
-            "tracking": {**batch_record.tracking, "catalog": catalog, "batch_id": batch_id},
-        }
-        if asset_deployment:
-            submit_asset(asset_deployment, parameters, asset_key(batch_id, parsed.fingerprint, parameters, batch_try),
-                         asset_attempts)
-        else:
-            asset(**parameters, return_state=True)
-        return AssetRecord.collect(store, row.asset_id, batch_id)
+        def make(row: CatalogRow) -> AssetRecord | None:
+            if batch_try > 1:
+                # a retried batch reuses the assets its earlier run completed (their records it kept)
+                kept = AssetRecord.collect(store, row.asset_id, batch_id)
+                if kept is not None and kept.status == "completed":
+                    log.info("asset %s: completed in an earlier run of this batch; reused", row.asset_id)
+                    return kept
+            parameters = {
+                "row": row.to_dict(), "out": out, "preset": preset, "overrides": overrides,
+                "rerun_stage": rerun_stage if rerun_stage in stages_of[row.asset_id] else None,
+                "stage_retries": stage_retries, "stage_retry_delay_s": stage_retry_delay_s,
+                "tracking": {**batch_record.tracking, "catalog": catalog, "batch_id": batch_id, "batch_record": batch_record.rel},
+            }
+            if asset_deployment:
+                submit_asset(asset_deployment, parameters, asset_key(batch_id, parsed.fingerprint, parameters, batch_try),
+                             asset_attempts)
+            else:
+                asset(**parameters, return_state=True)
+            return AssetRecord.collect(store, row.asset_id, batch_id)
 
-    wall = time.perf_counter()
-    global _STAGE_POOL
-    parallel = max(1, min(max_parallel_assets, len(rows)))
-    workers = StagePool(parallel) if parallel > 1 and not asset_deployment and _STAGE_POOL is None else None
-    if workers is not None:
-        log.info("batch: %d assets at a time in worker processes, %d torch thread(s) each", parallel, workers.threads)
-        _STAGE_POOL = workers
-    try:
-        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="asset") as pool:
-            futures = {row.asset_id: pool.submit(contextvars.copy_context().run, make, row) for row in rows}
-            records = {asset_id: future.result() for asset_id, future in futures.items()}
-    finally:
+        wall = time.perf_counter()
+        global _STAGE_POOL
+        parallel = max(1, min(max_parallel_assets, len(rows)))
+        workers = StagePool(parallel) if parallel > 1 and not asset_deployment and _STAGE_POOL is None else None
         if workers is not None:
-            _STAGE_POOL = None
-            workers.close()
-    statuses = {asset_id: record.status if record else "crashed" for asset_id, record in records.items()}
-    sheet = _write_contact_sheet(store, list(records), batch_id)
-    failed = sorted(a for a, status in statuses.items() if status in ("failed", "crashed"))
-    markdown = summary_markdown(catalog, records, tracker, tracker.run_ids.get(batch_record.tracking["key"]), sheet, out)
-    create_markdown_artifact(markdown, key=SUMMARY_ARTIFACT, description=f"csd-asset batch over {catalog}")
-    batch_record.status, batch_record.summary, batch_record.finished_at = "failed" if failed else "completed", markdown, \
-        datetime.now(timezone.utc).isoformat(timespec="seconds")
-    batch_record.metrics = {"assets_failed": len(failed), "assets_total": len(rows), "wall_seconds": time.perf_counter() - wall}
-    batch_record.files = [store.rel(sheet)] if sheet else []
-    batch_record.assets = {asset_id: dataclasses.asdict(record) if record else None for asset_id, record in records.items()}
-    batch_record.save(store)
-    tracker.sync(store, batch_record.rel)
-    if failed:
-        # keep the completed assets' records for a retry of this batch run (`prefect flow-run retry`),
-        # which reuses those assets and runs the failed and crashed ones again
-        for record in records.values():
-            if record is not None and record.status == "completed":
-                record.hand_to_batch(store, batch_id)
-        raise BatchFailed(f"{len(failed)} of {len(rows)} asset(s) failed: {', '.join(failed)}\n{markdown}")
-    return statuses
+            log.info("batch: %d assets at a time in worker processes, %d torch thread(s) each", parallel, workers.threads)
+            _STAGE_POOL = workers
+        try:
+            with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="asset") as pool:
+                futures = {row.asset_id: pool.submit(contextvars.copy_context().run, make, row) for row in rows}
+                records = {asset_id: future.result() for asset_id, future in futures.items()}
+        finally:
+            if workers is not None:
+                _STAGE_POOL = None
+                workers.close()
+        # an asset whose every attempt crashed left its record running: ended once its lock frees (a dead
+        # machine's lease lapses within LEASE_SECONDS), unless a run of it is still going
+        crashed = [f"{asset_id}/{ASSET_RECORD}" for asset_id, record in records.items() if record is None]
+        for rel in crashed:
+            close_abandoned(store, rel, LEASE_SECONDS, by_its_batch=True)
+        sync_pending(store, crashed)
+        statuses = {asset_id: record.status if record else "crashed" for asset_id, record in records.items()}
+        sheet = _write_contact_sheet(store, list(records), batch_id)
+        failed = sorted(a for a, status in statuses.items() if status in ("failed", "crashed"))
+        markdown = summary_markdown(catalog, records, tracker, tracker.run_ids.get(batch_record.tracking["key"]), sheet, out)
+        create_markdown_artifact(markdown, key=SUMMARY_ARTIFACT, description=f"csd-asset batch over {catalog}")
+        batch_record.status, batch_record.summary, batch_record.finished_at = "failed" if failed else "completed", markdown, \
+            datetime.now(timezone.utc).isoformat(timespec="seconds")
+        batch_record.metrics = {"assets_failed": len(failed), "assets_total": len(rows), "wall_seconds": time.perf_counter() - wall}
+        batch_record.files = [store.rel(sheet)] if sheet else []
+        batch_record.assets = {asset_id: dataclasses.asdict(record) if record else None for asset_id, record in records.items()}
+        batch_record.save(store)
+        tracker.sync(store, batch_record.rel)
+        if failed:
+            # keep the completed assets' records for a retry of this batch run (`prefect flow-run retry`),
+            # which reuses those assets and runs the failed and crashed ones again
+            for record in records.values():
+                if record is not None and record.status == "completed":
+                    record.hand_to_batch(store, batch_id)
+            raise BatchFailed(f"{len(failed)} of {len(rows)} asset(s) failed: {', '.join(failed)}\n{markdown}")
+        return statuses

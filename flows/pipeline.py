@@ -10,11 +10,14 @@ with the same identity is reused unless an upstream stage was committed after it
 and so does everything after it): two batches over one output root compute each stage once.
 The output root may be a local folder or an fsspec URL (`flows.store`).
 `<out>/<asset_id>/asset.json` records what the last run of the asset did (for `csd-asset status`
-and `csd-asset rerun`).
+and `csd-asset rerun`). A record (asset or batch) that says running is owned by the process holding
+its lock (`asset.lock`, `batch.lock` beside it) and always ends in a terminal status: written by its
+owner, or by `close_abandoned` once the lock shows the owner gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -23,7 +26,7 @@ import os
 import socket
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -392,6 +395,20 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def current_worker() -> dict[str, Any]:
+    """This process: host, process id, parent process id (the Prefect worker) and the GPUs it sees."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def _abandoned(worker: dict[str, Any]) -> str:
+    """Why a record whose process (`worker`) died is ended by this one, for the stage's error and its MLflow tag."""
+    here = current_worker()
+    return (f"did not finish: the process that ran it ({worker.get('host', '?')} pid {worker.get('pid', '?')}) ended without "
+            f"recording an outcome (killed, out of memory, or its machine lost); closed by {here['host']} pid {here['pid']} "
+            "once its lock was free")
+
+
 @dataclass
 class AssetRecord:
     """`<out>/<asset_id>/asset.json`: the row, preset and per-stage status of the asset's last run."""
@@ -404,7 +421,8 @@ class AssetRecord:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     tracking: dict[str, Any] = field(default_factory=dict)
     """Where and under which keys `flows.tracking` syncs this record: the MLflow URI and experiment,
-    the asset run's key (a stage rerun logs under it), its parent's, the run tags; once synced, the run id."""
+    the asset run's key (a stage rerun logs under it), its parent's, the run tags; once synced, the run id;
+    `batch_record`, the record of the batch that submitted it (`close_abandoned` leaves it to a live batch)."""
     started_at: str = ""
     finished_at: str = ""
     wall_seconds: float = 0.0
@@ -413,12 +431,25 @@ class AssetRecord:
 
     @classmethod
     def start(cls, plan: AssetPlan, tracking: dict[str, Any]) -> "AssetRecord":
-        worker = {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid(),
-                  "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
         record = cls(plan.row.asset_id, plan.row.to_dict(), plan.preset, plan.overrides, tracking=tracking, started_at=_now(),
-                     worker=worker)
+                     worker=current_worker())
         record.stages = {s.name: {"status": "pending", "identity": s.identity} for s in plan.stages}
         return record
+
+    @property
+    def rel(self) -> str:
+        return f"{self.asset_id}/{ASSET_RECORD}"
+
+    def end(self, reason: str) -> None:
+        """Fail a run that cannot finish (`reason`: "did not finish: …"): the stage it was in, or would
+        have started, fails with that error, the later ones are blocked, as after a stage's own failure."""
+        unfinished = [(name, entry) for name, entry in self.stages.items() if entry["status"] in ("running", "pending")]
+        for i, (name, entry) in enumerate(unfinished):
+            if i == 0:
+                entry.update(status="failed", error=f"stage {name!r} of asset {self.asset_id!r} {reason}", finished_at=_now())
+            else:
+                entry["status"] = "blocked"
+        self.status, self.finished_at = "failed", _now()
 
     @classmethod
     def _read(cls, store: Store, rel: str) -> "AssetRecord | None":
@@ -466,16 +497,68 @@ class BatchRecord:
     files: list[str] = field(default_factory=list)
     assets: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     finished_at: str = ""
+    worker: dict[str, Any] = field(default_factory=dict)
+    """The process that runs the batch (`current_worker`)."""
 
     @property
     def rel(self) -> str:
         return f"{BATCH_RECORDS}/{self.batch_id}/batch.json"
+
+    def end(self, reason: str) -> None:
+        """Fail a batch that cannot finish: `reason` ("did not finish: …") is its summary and its tag `error`."""
+        self.status, self.finished_at, self.summary = "failed", _now(), f"# {self.name}: {reason}\n"
+        self.tags["error"] = reason
 
     def save(self, out: Store | str | Path) -> None:
         open_store(out).write_text(self.rel, json.dumps(dataclasses.asdict(self), indent=2))
 
 
 Executor = Callable[[PlannedStage, bool], StageOutcome]
+
+
+def _lock_of(store: Store, rel: str) -> Path:
+    """What the record at `rel` is owned by: the lock `<record>.lock` beside it (`store.lock`)."""
+    return store.local / rel.removesuffix(".json")
+
+
+@contextlib.contextmanager
+def owning(store: Store, record: AssetRecord | BatchRecord, saved: Callable[[Any], None]) -> Iterator[None]:
+    """Own `record` while it runs: hold its lock throughout, so that a record left running by a dead
+    process can be told from a live one (`close_abandoned`), and end it as failed (then `saved(record)`)
+    when an error escapes — an interrupt, a cancellation, the store failing — before the error goes on."""
+    with store.lock(_lock_of(store, record.rel)):
+        try:
+            yield
+        except BaseException as error:
+            if record.status == "running":
+                record.end(f"did not finish: {type(error).__name__}: {error}")
+                with contextlib.suppress(Exception):  # the store may be what failed: `close_abandoned` ends it later
+                    record.save(store)
+                    saved(record)
+            raise
+
+
+def close_abandoned(store: Store, rel: str, wait: float = 0.0, by_its_batch: bool = False) -> bool:
+    """End the record at `rel` (an `asset.json` or a `batch.json`) as failed if it says running while
+    no process owns it, i.e. its lock is free or frees within `wait` seconds (a dead process's flock is
+    released by the kernel, its lease expires); True when it did. A held lock means running, on this
+    machine or another: that record is left alone; so is an asset's while its batch runs (the batch's
+    lock held), unless `by_its_batch`: the batch may submit the asset again, continuing its MLflow runs,
+    and ends the record itself otherwise. Failed (MLflow FAILED), not killed: MLflow's KILLED is a run a
+    user stopped, while how this one ended is not known, and like any failed asset it needs another run."""
+    try:
+        with store.lock(_lock_of(store, rel), timeout=wait):
+            data = json.loads(store.read_text(rel) or "null")
+            if not data or data.get("status") != "running":
+                return False
+            batch = None if by_its_batch else (data.get("tracking") or {}).get("batch_record")
+            with store.lock(_lock_of(store, batch), timeout=0) if batch else contextlib.nullcontext():
+                record = (BatchRecord if "assets" in data else AssetRecord)(**data)
+                record.end(_abandoned(record.worker))
+                record.save(store)
+                return True
+    except TimeoutError:
+        return False
 
 
 def run_asset(
@@ -485,37 +568,50 @@ def run_asset(
     """Run (or reuse) the plan's stages in order; stop at the first failure. `rerun_stage` forces
     that stage to run, and so every later one (`execute_stage` recomputes a stage whose upstream was
     committed after it). Writes `asset.json` (with `tracking`) at the start and after every stage,
-    calling `saved(record)` then (the flow syncs MLflow there)."""
+    calling `saved(record)` then (the flow syncs MLflow there and notes the runs' ids in `tracking`,
+    which the last write keeps), all under the asset's lock (`owning`).
+
+    An earlier run's record found still running once the lock is taken was left by a dead process: it
+    is ended (and `saved`) first, unless this run continues its MLflow runs (a resubmitted attempt of
+    the same batch: the same `stage_prefix`), so that no run of it stays RUNNING in MLflow."""
     if rerun_stage is not None:
         plan.stage(rerun_stage)
-    record = AssetRecord.start(plan, tracking or {})
-    record.save(plan.store)
-    saved(record)
-    started = time.perf_counter()
-    for stage in plan.stages:
-        entry = record.stages[stage.name]
-        if record.status == "failed":
-            entry["status"] = "blocked"
-            continue
-        entry["status"] = "running"
-        record.save(plan.store)
-        try:
-            outcome = execute(stage, stage.name == rerun_stage)
-        except Exception as error:
-            log.error("asset %s: %s", plan.row.asset_id, error)
-            outcome = StageOutcome(stage.name, "failed", stage.identity, error=str(error))
-            record.status = "failed"
-        entry.update(status=outcome.status, seconds=round(outcome.seconds, 3), error=outcome.error, finished_at=_now())
-        if outcome.result is not None:
-            entry["metrics"] = outcome.result.metrics
-        record.save(plan.store)
+    store, record = plan.store, AssetRecord.start(plan, tracking or {})
+    with owning(store, record, saved):
+        previous = AssetRecord.load(store, record.asset_id)
+        if previous and previous.status == "running" and previous.tracking.get("stage_prefix") != record.tracking.get("stage_prefix"):
+            previous.end(_abandoned(previous.worker))
+            previous.save(store)
+            saved(previous)
+        record.started_at = _now()  # not while it waited for the lock
+        record.save(store)
         saved(record)
-    if record.status != "failed":
-        record.status = "completed"
-    record.finished_at = _now()
-    record.wall_seconds = round(time.perf_counter() - started, 3)
-    record.save(plan.store)
-    saved(record)
+        started = time.perf_counter()
+        for stage in plan.stages:
+            entry = record.stages[stage.name]
+            if record.status == "failed":
+                entry["status"] = "blocked"
+                continue
+            entry["status"] = "running"
+            record.save(store)
+            try:
+                outcome = execute(stage, stage.name == rerun_stage)
+            except Exception as error:
+                log.error("asset %s: %s", plan.row.asset_id, error)
+                outcome = StageOutcome(stage.name, "failed", stage.identity, error=str(error))
+                record.status = "failed"
+            entry.update(status=outcome.status, seconds=round(outcome.seconds, 3), error=outcome.error, finished_at=_now())
+            if outcome.result is not None:
+                entry["metrics"] = outcome.result.metrics
+            record.save(store)
+            saved(record)
+        if record.status != "failed":
+            record.status = "completed"
+        record.finished_at = _now()
+        record.wall_seconds = round(time.perf_counter() - started, 3)
+        record.save(store)
+        saved(record)
+        record.save(store)  # with what `saved` noted
     return record
 
 

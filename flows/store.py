@@ -63,7 +63,7 @@ class Store(Protocol):
     def remove(self, rel: str) -> None: ...
     def glob(self, pattern: str) -> list[str]: ...
     def committed(self, directory: Path, identity: str | None = None) -> StageResult | None: ...
-    def lock(self, directory: Path) -> ContextManager[None]: ...  # the right to compute that stage
+    def lock(self, directory: Path, timeout: float | None = None) -> ContextManager[None]: ...  # TimeoutError: held longer
     def prepare(self, directory: Path, inputs: Iterable[Path], identity: str, callback: StepCallback) -> StepCallback: ...
     def push_stage(self, directory: Path) -> None: ...  # commit a stage finished in `local` to the root
 
@@ -89,8 +89,7 @@ class FolderStore:
         return None
 
     def read_text(self, rel: str) -> str | None:
-        data = self.read_bytes(rel)
-        return None if data is None else data.decode()
+        return None if (data := self.read_bytes(rel)) is None else data.decode()
 
     def write_text(self, rel: str, text: str) -> None:
         (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -105,8 +104,8 @@ class FolderStore:
     def committed(self, directory: Path, identity: str | None = None) -> StageResult | None:
         return completed(directory, identity)
 
-    def lock(self, directory: Path) -> ContextManager[None]:
-        return stage_lock(directory)
+    def lock(self, directory: Path, timeout: float | None = None) -> ContextManager[None]:
+        return stage_lock(directory, timeout)
 
     def prepare(self, directory: Path, inputs: Iterable[Path], identity: str, callback: StepCallback) -> StepCallback:
         return callback
@@ -169,8 +168,8 @@ class ObjectStore(FolderStore):
         stage = StageResult.from_json(text, directory) if text else None
         return stage if stage is not None and identity in (None, stage.identity) else None
 
-    def lock(self, directory: Path) -> ContextManager[None]:
-        return _lease(self, f"{self.rel(directory)}.lock")
+    def lock(self, directory: Path, timeout: float | None = None) -> ContextManager[None]:
+        return _lease(self, f"{self.rel(directory)}.lock", timeout)
 
     def _pull(self, local: Path) -> None:
         """Download the committed stage `local` unless this copy holds it; raises StoreError when the root
@@ -252,8 +251,8 @@ class ObjectStore(FolderStore):
 
 
 @contextlib.contextmanager
-def _lease(store: ObjectStore, rel: str) -> Iterator[None]:
-    """A stage lock in an object store, made of conditional writes: `pipe_file(mode="create")` sends
+def _lease(store: ObjectStore, rel: str, timeout: float | None = None) -> Iterator[None]:
+    """A lock (a stage's, a record's) in an object store, made of conditional writes: `pipe_file(mode="create")` sends
     `If-None-Match: *`, which S3, MinIO, GCS and Azure honour atomically (moto answers 412 to the second
     creator: tests/flows/test_store.py). Chosen over Prefect's global concurrency limits: no API server
     needed, it holds for any process (a CLI run too). `<stage>.lock/<n>` are generations: the highest is
@@ -269,7 +268,7 @@ def _lease(store: ObjectStore, rel: str) -> Iterator[None]:
     def write(generation: int, expires: float, mode: str = "overwrite") -> None:
         store.fs.pipe_file(f"{rel}/{generation}", json.dumps({"owner": owner, "expires": expires}).encode(), mode=mode)
 
-    waited = False
+    waited, deadline = False, time.time() + (float("inf") if timeout is None else timeout)
     while True:
         generation = generations()[-1] + 1
         holder = json.loads(store.read_text(f"{rel}/{generation - 1}") or "{}")
@@ -277,8 +276,10 @@ def _lease(store: ObjectStore, rel: str) -> Iterator[None]:
             with contextlib.suppress(FileExistsError):  # another machine took it first
                 write(generation, time.time() + LEASE_SECONDS, "create")
                 break
+        elif time.time() >= deadline:
+            raise TimeoutError(f"{rel} is held by {holder.get('owner')}")
         elif not waited:
-            log.info("stage %s is being computed by %s; waiting", rel, holder.get("owner"))
+            log.info("%s is held by %s; waiting", rel, holder.get("owner"))
             waited = True
         time.sleep(POLL_SECONDS)
     for older in generations()[:-1]:

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from flows.pipeline import close_abandoned
 from stages.common import StepCallback
 from stages.config import flatten
 
@@ -178,16 +179,17 @@ class Tracker:
         return {"uri": self.uri, "experiment": self.experiment}
 
     def sync(self, store, rel: str, record: dict[str, Any] | None = None) -> bool:
-        """Make MLflow match the batch or asset record at `rel` (or `record`, what is being written
-        there); False (and `rel` listed in `<out>/.tracking-pending/`) when that is not done yet."""
+        """Make MLflow match the batch or asset record at `rel` (or `record`, being written there); False if not
+        done yet. `rel` stays in `.tracking-pending/` until synced as ended, so `sync_pending` ends a dead owner's."""
         marker = f"{PENDING}/{hashlib.sha256(rel.encode()).hexdigest()[:16]}.txt"
         record = record or _json(store, rel)
         views = lambda: (batch_views if "assets" in record else asset_views)(store, record)  # noqa: E731
-        if record is None or self._push(rel, store, views):  # None: removed since it was listed
+        synced = record is None or self._push(rel, store, views)  # None: removed since it was listed
+        if synced and (record or {}).get("status") != "running":
             store.remove(marker)
-            return True
-        store.write_text(marker, rel)
-        return False
+        else:
+            store.write_text(marker, rel)
+        return synced
 
     def live(self, link: dict[str, Any], stage: str) -> StepCallback:
         """A step callback for stage `stage` of the asset record whose `tracking` is `link`, so a long
@@ -273,17 +275,19 @@ class Tracker:
                     (Path(scratch) / name).write_text(text)
                 if view.files or view.texts:
                     client.log_artifacts(run_id, scratch)
-            if view.status != "RUNNING":
+            if view.status != "RUNNING" or run.info.status != "RUNNING":  # RUNNING again: a rerun under its key
                 client.set_terminated(run_id, view.status, end_time=view.end_ms)
             client.set_tag(run_id, DIGEST_TAG, digest)
 
 
-def sync_pending(store) -> list[str]:
-    """Sync every record listed in `<out>/.tracking-pending/` (batches first: they hold the parents),
-    each to the store and experiment it names; returns the records still pending."""
+def sync_pending(store, rels: list[str] | None = None) -> list[str]:
+    """Sync each record listed in `.tracking-pending/` (or `rels`; batches first: they hold the parents) to its store and
+    experiment, ending first one that a dead process left running (`close_abandoned`); returns those not synced."""
     trackers: dict[tuple[str, str], Tracker] = {}
     left = []
-    for rel in sorted(filter(None, map(store.read_text, store.glob(f"{PENDING}/*.txt"))), key=lambda r: not r.startswith("batches/")):
+    listed = filter(None, map(store.read_text, store.glob(f"{PENDING}/*.txt"))) if rels is None else rels
+    for rel in sorted(listed, key=lambda r: not r.startswith("batches/")):
+        close_abandoned(store, rel)
         link = (_json(store, rel) or {}).get("tracking") or {}
         where = (link.get("uri") or tracking_uri(store.local), link.get("experiment") or "csd-asset")
         tracker = trackers.setdefault(where, Tracker(*where))

@@ -185,3 +185,22 @@ def test_a_failure_blocks_later_stages_and_is_recorded(tmp_path, tiny):
     assert saved.stages == record.stages and saved.tracking == {"asset_run_id": "abc"}
     # nothing is committed by the fake executor, so "ran" stages are stale on disk
     assert stage_states(tmp_path)["red"] == {"nerf": "stale", "mesh": "stale", "uv": "failed", "texture": "blocked", "export": "blocked"}
+
+
+def test_an_error_outside_a_stage_ends_the_record_as_failed_and_goes_on(tmp_path, tiny):
+    """An interrupt (or a cancellation, or the store failing) is no stage's failure: `run_asset` does not
+    record it as one, but the record must still not stay `running` once its process stops."""
+    plan = plan_asset(CatalogRow("red", "a red cube", line=2), tmp_path, overrides=tiny)
+
+    def execute(stage, force):
+        if stage.name == "mesh":
+            raise KeyboardInterrupt
+        return StageOutcome(stage.name, "ran", stage.identity)
+
+    synced = []
+    with pytest.raises(KeyboardInterrupt):
+        run_asset(plan, execute=execute, saved=lambda record: synced.append(record.status))
+    record = AssetRecord.load(tmp_path, "red")
+    assert record.status == "failed" and record.finished_at and synced[-1] == "failed", "ended, and synced as ended"
+    assert record.stages["mesh"]["error"] == "stage 'mesh' of asset 'red' did not finish: KeyboardInterrupt: "
+    assert stage_states(tmp_path)["red"] == {"nerf": "stale", "mesh": "failed", "uv": "blocked", "texture": "blocked", "export": "blocked"}

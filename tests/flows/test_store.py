@@ -21,7 +21,7 @@ import s3fs
 import trimesh
 
 from flows.catalog import CatalogRow
-from flows.pipeline import AssetRecord, StageFailed, execute_stage, plan_asset, stage_states
+from flows.pipeline import AssetRecord, StageFailed, StageOutcome, close_abandoned, execute_stage, plan_asset, run_asset, stage_states
 from flows.store import MANIFEST_KEY, StoreError, open_store
 from servers import start_s3, stop
 
@@ -189,6 +189,34 @@ def test_a_lease_excludes_others_until_released_and_a_dead_holders_is_taken_over
         waited = time.monotonic() - started
         assert [Path(p).name for p in remote.ls(lease, detail=False)] == ["8"], "the dead holder's generation is gone"
     assert 1.5 < waited < 10, waited
+
+
+def test_a_record_left_running_in_a_bucket_is_ended_only_once_its_owners_lease_has_lapsed(bucket, tmp_path, tiny):
+    store = _machine(bucket, tmp_path, "a")
+    stages = {"nerf": {"status": "running", "identity": "n"}, "mesh": {"status": "pending", "identity": "m"}}
+    AssetRecord("red", {"asset_id": "red"}, "toy-cpu", {}, stages=stages, worker={"host": "gpu-b", "pid": 7}).save(store)
+    lease = f"{bucket.split('://')[1]}/red/asset.lock"
+    fsspec.filesystem("memory").pipe_file(f"{lease}/0", json.dumps({"owner": "gpu-b:7:x", "expires": time.time() + 2}).encode())
+    assert not close_abandoned(store, "red/asset.json"), "a live lease: running on another machine"
+    assert AssetRecord.load(store, "red").status == "running"
+    started = time.monotonic()
+    assert close_abandoned(store, "red/asset.json", wait=30), "its owner stopped renewing: ended once the lease lapsed"
+    assert 1 < time.monotonic() - started < 20
+    ended = AssetRecord.load(store, "red")
+    assert ended.status == "failed" and ended.stages["mesh"]["status"] == "blocked"
+    assert "stage 'nerf' of asset 'red' did not finish: the process that ran it (gpu-b pid 7)" in ended.stages["nerf"]["error"]
+    assert not close_abandoned(store, "red/asset.json"), "an ended record is left as it is"
+
+    probes = []
+
+    def execute(stage, force):  # a new run of the asset on machine b, probed from machine a as it runs
+        probes.append(close_abandoned(store, "red/asset.json"))
+        return StageOutcome(stage.name, "ran", stage.identity)
+
+    plan = plan_asset(CatalogRow("red", "a red cube", mesh=str(CUBE), line=2), _machine(bucket, tmp_path, "b"), overrides=tiny)
+    assert run_asset(plan, execute=execute).status == "completed"
+    assert probes == [False] * 4, "its lease is held while it runs"
+    assert AssetRecord.load(store, "red").status == "completed"
 
 
 @pytest.mark.slow

@@ -1,25 +1,34 @@
 """MLflow runs synced from the output root: batch → asset → stage runs made from the records and stage
-folders, idempotently. "Down" is an SQLite store whose client calls raise a connection error."""
+folders, idempotently. "Down" is an SQLite store whose client calls raise a connection error. "Killed"
+is a process that SIGKILLs itself inside a stage, as the OOM killer or a lost machine would end it."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import requests
 from mlflow import MlflowClient
 
+from flows.catalog import CatalogRow
 from flows.cli import main
-from flows.pipeline import AssetRecord, BatchRecord
+from flows.pipeline import AssetRecord, BatchRecord, StageOutcome, plan_asset, run_asset, stage_states
 from flows.store import open_store
 from flows.tracking import KEY_TAG, PENDING, Tracker
 from stages.common import StageResult, StageWorkspace
 
 EXPERIMENT = "sync"
-WRITES = ("create_run", "log_batch", "log_artifacts", "set_terminated", "set_tag", "delete_run", "create_experiment")
+WRITES = ("create_run", "log_batch", "log_artifacts", "set_terminated", "update_run", "set_tag", "delete_run", "create_experiment")
+ROOT = Path(__file__).parents[2]
+CUBE = ROOT / "catalogs" / "meshes" / "cube.obj"
 
 
 def _server_down(patch: pytest.MonkeyPatch, calls: tuple[str, ...] = ("get_experiment_by_name", "search_runs", *WRITES)) -> None:
@@ -223,3 +232,175 @@ def test_a_server_down_while_a_stage_runs_warns_once_and_the_stage_goes_on(tmp_p
     for step in range(1, 31):
         live(step, {"loss": 1 / step})
     assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1 and "connection refused" in tracker.failures[0]
+
+
+def _statuses(uri: str, experiment: str = EXPERIMENT) -> dict[str, str]:
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
+    return {run.data.tags[KEY_TAG]: run.info.status for run in runs}
+
+
+def _asset_link(uri: str, key: str) -> dict:
+    batch = key.split("/")[1]
+    return {"uri": uri, "experiment": EXPERIMENT, "key": key, "stage_prefix": key, "parent_key": None, "tags": {"asset_id": "box"},
+            "batch_record": f"batches/{batch}/batch.json"}
+
+
+def _sync_as_the_flow_does(plan):
+    """`run_asset`'s `saved`: each record to its own tracking link, as the asset flow does."""
+    def saved(record):
+        tracker = Tracker(record.tracking["uri"], record.tracking["experiment"])
+        tracker.sync(plan.store, f"{record.asset_id}/asset.json", dataclasses.asdict(record))
+
+    return saved
+
+
+def _killed_in_uv(plan, link) -> None:
+    """A process that runs the asset and is SIGKILLed inside its uv stage, after the stage's first live point."""
+    def execute(stage, force):
+        if stage.name == "uv":
+            Tracker(link["uri"], link["experiment"]).live(link, "uv")(1, {"loss": 1.0})
+            os.kill(os.getpid(), signal.SIGKILL)
+        return StageOutcome(stage.name, "ran", stage.identity)
+
+    run_asset(plan, execute=execute, tracking=link, saved=_sync_as_the_flow_does(plan))
+
+
+def _kill_a_run(plan, link) -> int:
+    """Run `_killed_in_uv` in a child process; its pid."""
+    child = multiprocessing.get_context("fork").Process(target=_killed_in_uv, args=(plan, link))
+    child.start()
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL
+    return child.pid
+
+
+def _box(tmp_path, empty_store, tiny):
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
+    plan = plan_asset(CatalogRow("box", "a red cube", mesh=str(CUBE), line=2), tmp_path / "out", overrides=tiny)
+    return plan, f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_a_killed_asset_run_ends_failed_at_sync_tracking_once_its_lock_is_free_and_a_later_attempt_reopens_it(
+        tmp_path, empty_store, tiny, monkeypatch, capsys):
+    plan, uri = _box(tmp_path, empty_store, tiny)
+    link = _asset_link(uri, "batch/B1/box")
+    pid = _kill_a_run(plan, link)
+    out = str(plan.store.local)
+    assert _statuses(uri) == {"batch/B1/box": "RUNNING", "batch/B1/box/mesh": "FINISHED", "batch/B1/box/uv": "RUNNING"}
+
+    for owner in ("box/asset", "batches/B1/batch"):  # a live owner (on another machine, say), or its batch, which may resubmit it
+        with plan.store.lock(plan.store.local / owner):
+            assert main(["sync-tracking", "--out", out]) == 0
+            assert _statuses(uri)["batch/B1/box"] == "RUNNING", f"{owner}.lock held: nothing is ended"
+    assert main(["sync-tracking", "--out", out]) == 0
+    assert _statuses(uri) == {"batch/B1/box": "FAILED", "batch/B1/box/mesh": "FINISHED", "batch/B1/box/uv": "FAILED"}
+    assert capsys.readouterr().out.count("1 record(s) still running") == 2, "said by each sync while a lock was held"
+    ended = _state(uri)
+    assert "did not finish" in ended["batch/B1/box/uv"]["tags"]["error"] and f"pid {pid})" in ended["batch/B1/box/uv"]["tags"]["error"]
+    assert "error.txt" in ended["batch/B1/box/uv"]["artifacts"]
+    assert stage_states(out)["box"] == {"mesh": "stale", "uv": "failed", "texture": "blocked", "export": "blocked"}, \
+        "csd-asset status agrees (mesh: the fake stage wrote no files)"
+    with monkeypatch.context() as patch:
+        writes = _count_writes(patch)
+        assert main(["sync-tracking", "--out", out]) == 0
+        assert Tracker(uri, EXPERIMENT).sync(plan.store, "box/asset.json")
+    assert writes == [] and plan.store.glob(f"{PENDING}/*.txt") == [] and _state(uri) == ended, "syncing again changes nothing"
+
+    seen = []
+
+    def execute(stage, force):  # the batch's next attempt of the asset: the same MLflow runs, continued
+        seen.append(_statuses(uri)["batch/B1/box"])
+        return StageOutcome(stage.name, "ran", stage.identity)
+
+    run_asset(plan, execute=execute, tracking=link, saved=_sync_as_the_flow_does(plan))
+    assert set(seen) == {"RUNNING"}, "reopened while the attempt runs"
+    assert set(_statuses(uri).values()) == {"FINISHED"} and len(_statuses(uri)) == 5
+
+
+def test_a_new_run_of_an_asset_whose_last_run_was_killed_ends_that_runs_runs_before_its_own(tmp_path, empty_store, tiny):
+    plan, uri = _box(tmp_path, empty_store, tiny)
+    _kill_a_run(plan, _asset_link(uri, "batch/B1/box"))
+    run_asset(plan, execute=lambda stage, force: StageOutcome(stage.name, "ran", stage.identity),
+              tracking=_asset_link(uri, "batch/B2/box"), saved=_sync_as_the_flow_does(plan))  # no sync-tracking in between
+    statuses = _statuses(uri)
+    assert {k: v for k, v in statuses.items() if k.startswith("batch/B1/")} == \
+        {"batch/B1/box": "FAILED", "batch/B1/box/mesh": "FINISHED", "batch/B1/box/uv": "FAILED"}
+    assert {k: v for k, v in statuses.items() if k.startswith("batch/B2/")} == \
+        {f"batch/B2/box{stage}": "FINISHED" for stage in ("", "/mesh", "/uv", "/texture", "/export")}
+    assert AssetRecord.load(plan.store, "box").status == "completed" and plan.store.glob(f"{PENDING}/*.txt") == []
+
+
+KILLED_BATCH = """
+import os, signal, sys
+import flows.flow
+
+def killed(stage, force, callback=None):
+    callback(1, {"loss": 1.0})  # the stage's run is made, RUNNING, as a live stage's is
+    os.kill(os.getpid(), signal.SIGKILL)
+
+flows.flow.execute_stage = killed
+flows.flow.batch(catalog=sys.argv[1], out=sys.argv[2], stage_retries=0, experiment="killed")
+"""
+
+
+def test_a_batch_killed_mid_stage_leaves_no_run_running_after_sync_tracking(prefect_server, tmp_path, empty_store, monkeypatch, capsys):
+    from prefect.settings import PREFECT_API_URL
+
+    (tmp_path / "catalog.csv").write_text(f"asset_id,prompt,seed,mesh\nbox,a red cube,0,{CUBE}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copyfile(empty_store, out / "mlflow.db")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST")}
+    child = subprocess.run([sys.executable, "-c", KILLED_BATCH, str(tmp_path / "catalog.csv"), str(out)], cwd=ROOT, timeout=300,
+                           env={**env, "PREFECT_API_URL": PREFECT_API_URL.value()}, capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    killed = _statuses(uri, "killed")
+    assert sorted(killed.values()) == ["RUNNING"] * 3, f"batch, asset and mesh stage runs, as the kill left them: {killed}"
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["sync-tracking", "--out", str(out)]) == 0
+    assert "still running" not in capsys.readouterr().out
+    assert _statuses(uri, "killed") == dict.fromkeys(killed, "FAILED")
+    (batch,) = [json.loads(p.read_text()) for p in out.glob("batches/*/batch.json")]
+    assert batch["status"] == "failed" and "did not finish" in batch["tags"]["error"] and "did not finish" in batch["summary"]
+    record = AssetRecord.load(out, "box")
+    assert record.status == "failed" and "stage 'mesh' of asset 'box' did not finish" in record.stages["mesh"]["error"]
+    with monkeypatch.context() as patch:
+        writes = _count_writes(patch)
+        assert main(["sync-tracking", "--out", str(out)]) == 0
+        tracker = Tracker(uri, "killed")
+        assert tracker.sync(open_store(out), "box/asset.json") and tracker.sync(open_store(out), f"batches/{batch['batch_id']}/batch.json")
+    assert writes == [] and not list(out.glob(f"{PENDING}/*.txt")), "syncing again changes nothing"
+
+
+def test_a_batch_ends_the_record_of_an_asset_whose_every_attempt_crashed(prefect_server, tmp_path, empty_store, monkeypatch):
+    import flows.flow
+
+    def every_attempt_crashed(row, out, tracking, **parameters):
+        """What `submit_asset` leaves when the asset's last attempt crashed too: its record running, its stage's
+        run live in MLflow, no hand-off copy for the batch, and no process (no lock held)."""
+        plan = plan_asset(CatalogRow.from_dict(row), out)
+        key = f"{tracking['key']}/{row['asset_id']}"
+        link = {**tracking, "key": key, "stage_prefix": key, "parent_key": tracking["key"], "tags": {}}
+        record = AssetRecord.start(plan, link)
+        record.stages["mesh"]["status"] = "running"
+        record.save(plan.store)
+        tracker = Tracker(link["uri"], link["experiment"])
+        assert tracker.sync(plan.store, "box/asset.json", dataclasses.asdict(record))
+        tracker.live(link, "mesh")(1, {"loss": 1.0})
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(flows.flow, "asset", every_attempt_crashed)
+    (tmp_path / "catalog.csv").write_text(f"asset_id,prompt,seed,mesh\nbox,a red cube,0,{CUBE}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copyfile(empty_store, out / "mlflow.db")
+    state = flows.flow.batch(catalog=str(tmp_path / "catalog.csv"), out=str(out), experiment=EXPERIMENT, return_state=True)
+    assert state.is_failed()
+    statuses = _statuses(f"sqlite:///{out / 'mlflow.db'}")
+    assert sorted(statuses.values()) == ["FAILED"] * 3, f"batch, asset and its stage: no sync-tracking needed: {statuses}"
+    record = AssetRecord.load(out, "box")
+    assert record.status == "failed" and "stage 'mesh' of asset 'box' did not finish" in record.stages["mesh"]["error"]
+    assert not list(out.glob(f"{PENDING}/*.txt"))
