@@ -196,12 +196,13 @@ def run(args: argparse.Namespace) -> int:
     plans = _check_catalog(args, args.only)
     if plans is None:
         return 1
-    from flows.flow import batch
+    from flows.flow import batch, stage_workers
 
-    state = batch(
-        catalog=str(args.catalog), preset=args.preset, out=str(args.out), only=args.only, overrides=_overrides(args.set),
-        max_parallel_assets=args.parallel, stage_retries=args.retries, return_state=True,
-    )
+    with stage_workers(min(args.parallel, len(plans))):  # started before the batch's Prefect server
+        state = batch(
+            catalog=str(args.catalog), preset=args.preset, out=str(args.out), only=args.only, overrides=_overrides(args.set),
+            max_parallel_assets=args.parallel, stage_retries=args.retries, return_state=True,
+        )
     ids = [plan.row.asset_id for plan in plans]
     _print_status(args.out, ids)
     _print_outputs(args.out, ids)

@@ -21,6 +21,7 @@ sees the output root.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import hashlib
@@ -32,6 +33,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +81,25 @@ def _worth_retrying(task, task_run, state) -> bool:
 
 
 _STAGE_POOL: StagePool | None = None
-"""Set by `batch` while it runs assets in worker processes; `run_stage` then runs stages there."""
+"""Set by `stage_workers` while a batch runs assets in worker processes; `run_stage` then runs stages there."""
+
+
+@contextlib.contextmanager
+def stage_workers(parallel: int) -> Iterator[StagePool | None]:
+    """`parallel` worker processes for the stages of this process's batches (none for 1, or while an
+    outer `stage_workers` holds some). `batch` opens its own; `csd-asset run` opens them before the
+    batch, so the workers' imports overlap the temporary Prefect server's start-up."""
+    global _STAGE_POOL
+    if parallel <= 1 or _STAGE_POOL is not None:
+        yield _STAGE_POOL
+        return
+    _STAGE_POOL = StagePool(parallel)
+    log.info("batch: %d assets at a time in worker processes, %d torch thread(s) each", parallel, _STAGE_POOL.threads)
+    try:
+        yield _STAGE_POOL
+    finally:
+        _STAGE_POOL.close()
+        _STAGE_POOL = None
 
 
 @task(name="stage", task_run_name="{stage.asset_id}/{stage.spec.name}", cache_policy=NO_CACHE)
@@ -328,20 +348,11 @@ def batch(
             return AssetRecord.collect(store, row.asset_id, batch_id)
 
         wall = time.perf_counter()
-        global _STAGE_POOL
         parallel = max(1, min(max_parallel_assets, len(rows)))
-        workers = StagePool(parallel) if parallel > 1 and not asset_deployment and _STAGE_POOL is None else None
-        if workers is not None:
-            log.info("batch: %d assets at a time in worker processes, %d torch thread(s) each", parallel, workers.threads)
-            _STAGE_POOL = workers
-        try:
-            with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="asset") as pool:
-                futures = {row.asset_id: pool.submit(contextvars.copy_context().run, make, row) for row in rows}
-                records = {asset_id: future.result() for asset_id, future in futures.items()}
-        finally:
-            if workers is not None:
-                _STAGE_POOL = None
-                workers.close()
+        with stage_workers(1 if asset_deployment else parallel), \
+                ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="asset") as pool:
+            futures = {row.asset_id: pool.submit(contextvars.copy_context().run, make, row) for row in rows}
+            records = {asset_id: future.result() for asset_id, future in futures.items()}
         # an asset whose every attempt crashed left its record running: ended once its lock frees (a dead
         # machine's lease lapses within LEASE_SECONDS), unless a run of it is still going
         crashed = [f"{asset_id}/{ASSET_RECORD}" for asset_id, record in records.items() if record is None]
