@@ -31,9 +31,9 @@ import os
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
