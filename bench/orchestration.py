@@ -1,6 +1,7 @@
 """A batch at `--parallel 1` and `--parallel 2`: wall time, CPU busy, and the orchestration overhead.
 
     python bench/orchestration.py                  # blue-sphere + yellow-torus of the demo catalog, nerf 150 / texture 40 steps
+    python bench/orchestration.py --parallel 1 2 1 2          # each twice, in turn (a noisy machine)
     python bench/orchestration.py --parallel 1 2 4 --only red-cube blue-sphere --set edit.steps=40
     python bench/orchestration.py catalogs/demo.csv --only "" --set nerf.steps=50   # every row
 
@@ -68,7 +69,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="csd-bench-orchestration-"))
     catalog, _ = load_catalog(args.catalog, args.preset, dict(pair.split("=", 1) for pair in args.set), root / "check")
     rows = [r for r in catalog.rows if not args.only or r.asset_id in args.only]
-    runs = [run_batch(args, parallel, root / f"parallel-{parallel}") for parallel in args.parallel]
+    runs = [run_batch(args, parallel, root / f"{i}-parallel-{parallel}") for i, parallel in enumerate(args.parallel)]
 
     print(f"{len(rows)} assets ({', '.join(r.asset_id for r in rows)}), {' '.join(args.set)}; {cores} cores")
     print(f"{'parallel':>8} {'wall s':>8} {'CPU s':>8} {'busy':>6} {'speed-up':>8} {'load':>5}   per asset: wall / stages / overhead s")
