@@ -8,7 +8,9 @@ Writes `report.md`, `report.json` and PNG grids into `--out`:
    classifier score alone (`guidance_config("csd")`) and, for comparison, with SDS at CFG 100
    (`guidance_config("sds")`), scored by the evaluator — what the pipeline relies on;
 3. prior samples per pair (DDIM, classifier-free guidance at several scales), scored by the evaluator;
-4. the UNet's forward time at batch 3.
+4. prior samples per pair from the front, the side and the back (`views`), scored per view and shape,
+   beside world renders from the same cameras: what a 3D distillation asks of the prior;
+5. the UNet's forward time at batch 3.
 
 Every prompt carries the view suffix of a front camera (elevation 15°, azimuth 0°): all non-empty
 training captions of the toy prior carry a view suffix.
@@ -45,7 +47,9 @@ PAIRS = [f"a {colour} {shape}" for shape in SHAPES for colour in COLOUR_NAMES]
 """Every (colour, shape) prompt of the world, shape-major."""
 FRONT_CAMERA = (15.0, 0.0)
 """Elevation and azimuth (degrees) of the camera that picks the prompts' view suffix."""
-SECTIONS = ("evaluator", "distillation", "samples", "timing")
+VIEW_CAMERAS = {"front": (15.0, 0.0), "side": (15.0, 90.0), "back": (15.0, 180.0)}
+"""A camera (elevation, azimuth) per view the world's captions name (its cameras stop at 45°: no `overhead`)."""
+SECTIONS = ("evaluator", "distillation", "samples", "views", "timing")
 
 # issue 9's bars: (metric, threshold) per measurement
 BARS = {
@@ -76,6 +80,8 @@ class ReportConfig:
     """2D runs per pair; each is one batched run over all pairs, its noise drawn from its own seed."""
     chunk: int = 24
     """Samples drawn per DDIM run (bigger UNet batches are slower per image on CPU)."""
+    view_guidance_scale: float = 3.0
+    """Classifier-free guidance scale of the per-view samples (that of the shipped sample grid)."""
     seed: int = 0
 
 
@@ -188,6 +194,48 @@ def prior_samples(prior: DiffusionPrior, model_path: Path, evaluator: Evaluator,
     return numbers
 
 
+def view_samples(prior: DiffusionPrior, model_path: Path, evaluator: Evaluator, config: ReportConfig, out: Path) -> dict:
+    """Does the prior draw each shape from every side a 3D distillation looks from? Samples of every
+    pair with the caption of each view in `VIEW_CAMERAS` (CFG `config.view_guidance_scale`, the same
+    noise for every view), scored by the evaluator per view and shape, and `views.png`: per view, a
+    row of world renders from that camera (one per pair, shape-major) over a row of the prior's first
+    sample for the same caption. In the toy world a view caption shows nothing: every primitive looks
+    the same after a quarter turn about z and the light sits at the camera, so the world's rows are
+    equal, and equal prior rows mean the prior learned to ignore the view words."""
+    from diffusers import DDIMScheduler
+
+    from csd.cameras import CameraConfig, make_cameras
+    from csd.toy.world import COLOURS, WorldConfig, render, sample_scenes
+
+    scheduler = DDIMScheduler.from_pretrained(model_path, subfolder="scheduler")
+    world, cameras = WorldConfig(), CameraConfig()
+    scenes = sample_scenes(len(PAIRS), world, torch.Generator().manual_seed(config.seed))
+    scenes.shape = torch.arange(len(SHAPES)).repeat_interleave(len(COLOUR_NAMES))
+    scenes.colour = torch.arange(len(COLOUR_NAMES)).repeat(len(SHAPES))
+    scenes.albedo = torch.tensor(list(COLOURS.values()))[scenes.colour]
+    numbers, rows = {}, []
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cache = TextEmbeddingCache(prior, Path(cache_dir))
+        for view, (elevation, azimuth) in VIEW_CAMERAS.items():
+            angles = torch.tensor([elevation]), torch.tensor([azimuth])
+            texts = [PromptProcessor(prior, pair, cache=cache).texts(*angles)[0] for pair in PAIRS]
+            prompts = [text for text in texts for _ in range(config.samples_per_pair)]
+            images = torch.cat([
+                sample_grid(prior.unet, prior.text_encoder, prior.tokenizer, scheduler, prompts[start : start + config.chunk],
+                            config.view_guidance_scale, config.seed * 1000 + index, config.ddim_steps)
+                for index, start in enumerate(tqdm(range(0, len(prompts), config.chunk), desc=f"samples, {view} view"))])
+            result = evaluator.score(images, prompts)
+            shape_of = torch.tensor([PAIRS.index(pair) // len(COLOUR_NAMES) for pair in PAIRS for _ in range(config.samples_per_pair)])
+            numbers[view] = {**_fractions([result]), "shape by shape": {
+                name: float(result.shape_correct[shape_of == i].float().mean()) for i, name in enumerate(SHAPES)}}
+            n = len(PAIRS)
+            view_cameras = make_cameras(torch.full((n,), elevation), torch.full((n,), azimuth),
+                                        torch.full((n,), sum(cameras.distance_range) / 2), torch.full((n,), sum(cameras.fovy_range) / 2))
+            rows += [render(scenes, view_cameras, world), images[:: config.samples_per_pair]]
+    write_grid(torch.cat(rows), len(PAIRS), out / "views.png", scale=3)
+    return numbers
+
+
 @torch.no_grad()
 def unet_forward_ms(prior: DiffusionPrior, repeats: int = 30) -> float:
     """Median wall time (ms) of one UNet forward at batch 3 (prompt, negative, empty) at the model's size."""
@@ -275,6 +323,19 @@ def write_markdown(numbers: dict, out: Path) -> None:
             _pair_matrix(s[best]["per_pair"]),
             "",
         ]
+    if "views" in numbers:
+        c = numbers["config"]
+        lines += [
+            f"## Prior samples by view ({c['samples_per_pair']} per pair and view, CFG {c['view_guidance_scale']:g}, {c['ddim_steps']} DDIM steps)",
+            "",
+            "| view | colour | shape | " + " | ".join(SHAPES) + " |",
+            "|---|---|---|" + "---|" * len(SHAPES),
+        ]
+        for view, r in numbers["views"].items():
+            lines.append(f"| {view} | {100 * r['colour']:.1f} % | {100 * r['shape']:.1f} % | "
+                         + " | ".join(f"{100 * r['shape by shape'][name]:.0f} %" for name in SHAPES) + " |")
+        lines += ["", "Grid: `views.png` (per view: world renders from its camera over the prior's samples for the same caption; "
+                  f"columns: {', '.join(COLOUR_NAMES)} for each of {', '.join(SHAPES)}).", ""]
     if "unet_forward_ms" in numbers:
         ms = numbers["unet_forward_ms"]
         verdict = "✓" if ms <= UNET_BAR_MS else "✗"
@@ -355,6 +416,11 @@ def main(argv: list[str] | None = None) -> None:
         numbers["samples"] = prior_samples(prior, model_path, evaluator, config, args.out)
         for scale, r in numbers["samples"].items():
             log.info("samples CFG %s: colour %.3f, shape %.3f, both %.3f", scale, r["colour"], r["shape"], r["both"])
+    if "views" in sections:
+        numbers["views"] = view_samples(prior, model_path, evaluator, config, args.out)
+        for view, r in numbers["views"].items():
+            log.info("samples, %s view: colour %.3f, shape %.3f (%s)", view, r["colour"], r["shape"],
+                     ", ".join(f"{k} {v:.2f}" for k, v in r["shape by shape"].items()))
     numbers["wall_time_s"] = time.time() - started
     numbers["cpu_time_s"] = time.process_time() - cpu_started  # wall time on a busy machine says little
     (args.out / "report.json").write_text(json.dumps(numbers, indent=2) + "\n")
