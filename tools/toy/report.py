@@ -168,6 +168,14 @@ def distillation(prior: DiffusionPrior, evaluator: Evaluator, config: ReportConf
     return numbers
 
 
+def _draw(prior: DiffusionPrior, scheduler, prompts: list[str], scale: float, config: ReportConfig, desc: str) -> torch.Tensor:
+    """DDIM samples `(N, 3, 32, 32)` for `prompts`, `config.chunk` at a time, chunk i from seed `1000 · config.seed + i`."""
+    return torch.cat([
+        sample_grid(prior.unet, prior.text_encoder, prior.tokenizer, scheduler, prompts[start : start + config.chunk], scale,
+                    config.seed * 1000 + index, config.ddim_steps)
+        for index, start in enumerate(tqdm(range(0, len(prompts), config.chunk), desc=desc))])
+
+
 def prior_samples(prior: DiffusionPrior, model_path: Path, evaluator: Evaluator, config: ReportConfig, out: Path) -> dict:
     from diffusers import DDIMScheduler
 
@@ -182,11 +190,7 @@ def prior_samples(prior: DiffusionPrior, model_path: Path, evaluator: Evaluator,
     pair_of = [i for i in range(len(PAIRS)) for _ in range(config.samples_per_pair)]
     numbers = {}
     for scale in config.guidance_scales:
-        chunks = []
-        for index, start in enumerate(tqdm(range(0, len(prompts), config.chunk), desc=f"samples CFG {scale:g}")):
-            batch = prompts[start : start + config.chunk]
-            chunks.append(sample_grid(prior.unet, prior.text_encoder, prior.tokenizer, scheduler, batch, scale, config.seed * 1000 + index, config.ddim_steps))
-        images = torch.cat(chunks)
+        images = _draw(prior, scheduler, prompts, scale, config, f"samples CFG {scale:g}")
         result = evaluator.score(images, prompts)
         numbers[f"{scale:g}"] = {**_fractions([result]), "per_pair": _per_pair(result, pair_of)}
         # one row per pair
@@ -213,6 +217,7 @@ def view_samples(prior: DiffusionPrior, model_path: Path, evaluator: Evaluator, 
     scenes.shape = torch.arange(len(SHAPES)).repeat_interleave(len(COLOUR_NAMES))
     scenes.colour = torch.arange(len(COLOUR_NAMES)).repeat(len(SHAPES))
     scenes.albedo = torch.tensor(list(COLOURS.values()))[scenes.colour]
+    shape_of = torch.arange(len(PAIRS)).repeat_interleave(config.samples_per_pair) // len(COLOUR_NAMES)  # PAIRS is shape-major
     numbers, rows = {}, []
     with tempfile.TemporaryDirectory() as cache_dir:
         cache = TextEmbeddingCache(prior, Path(cache_dir))
@@ -220,12 +225,8 @@ def view_samples(prior: DiffusionPrior, model_path: Path, evaluator: Evaluator, 
             angles = torch.tensor([elevation]), torch.tensor([azimuth])
             texts = [PromptProcessor(prior, pair, cache=cache).texts(*angles)[0] for pair in PAIRS]
             prompts = [text for text in texts for _ in range(config.samples_per_pair)]
-            images = torch.cat([
-                sample_grid(prior.unet, prior.text_encoder, prior.tokenizer, scheduler, prompts[start : start + config.chunk],
-                            config.view_guidance_scale, config.seed * 1000 + index, config.ddim_steps)
-                for index, start in enumerate(tqdm(range(0, len(prompts), config.chunk), desc=f"samples, {view} view"))])
+            images = _draw(prior, scheduler, prompts, config.view_guidance_scale, config, f"samples, {view} view")
             result = evaluator.score(images, prompts)
-            shape_of = torch.tensor([PAIRS.index(pair) // len(COLOUR_NAMES) for pair in PAIRS for _ in range(config.samples_per_pair)])
             numbers[view] = {**_fractions([result]), "shape by shape": {
                 name: float(result.shape_correct[shape_of == i].float().mean()) for i, name in enumerate(SHAPES)}}
             n = len(PAIRS)
