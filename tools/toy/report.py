@@ -10,15 +10,19 @@ Writes `report.md`, `report.json` and PNG grids into `--out`:
 3. prior samples per pair (DDIM, classifier-free guidance at several scales), scored by the evaluator;
 4. prior samples per pair from the front, the side and the back (`views`), scored per view and shape,
    beside world renders from the same cameras: what a 3D distillation asks of the prior;
-5. the UNet's forward time at batch 3.
+5. **fixed points** (`fixed-point`): the world's own renders of every pair, optimised in 2D by each
+   guidance from where a perfect asset would stand, scored by the evaluator before and after: does
+   the guidance keep the prompted object, or pull it somewhere else?
+6. the UNet's forward time at batch 3.
 
 Every prompt carries the view suffix of a front camera (elevation 15°, azimuth 0°): all non-empty
 training captions of the toy prior carry a view suffix.
 
 Cost is UNet calls: one image costs ≈ 12 ms on one free 2-core-laptop core (batches of ≤ 48; larger
 ones are slower per image). The defaults make ≈ 134 k image evaluations (sampling 77 k, 2D CSD and
-SDS 29 k each): ≈ 25–30 min on one core. `--quick` (2 samples per pair, 25 DDIM steps, one 2D seed)
-makes ≈ 38 k: ≈ 8 min. `--sections` runs a subset.
+SDS 29 k each) besides the fixed points (4 guidances × 300 steps over 48 renders, ≈ 36 CPU-min
+measured): ≈ 60 min on one core. `--quick` (2 samples per pair, 25 DDIM steps, one 2D seed, one
+render per pair for the fixed points) ≈ 26 min. `--sections` runs a subset.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from csd.guidance import ScoreDistillation, guidance_config
+from csd.guidance import GuidanceConfig, ScoreDistillation, guidance_config
 from csd.models import DiffusionPrior, ModelConfig, load_prior, resolve_model_path
 from csd.prompts import PromptEmbeddings, PromptProcessor, TextEmbeddingCache
 from csd.toy.evaluator import REPORT_SEED, Evaluator, ScoreResult, held_out_images, load_evaluator
@@ -49,7 +53,7 @@ FRONT_CAMERA = (15.0, 0.0)
 """Elevation and azimuth (degrees) of the camera that picks the prompts' view suffix."""
 VIEW_CAMERAS = {"front": (15.0, 0.0), "side": (15.0, 90.0), "back": (15.0, 180.0)}
 """A camera (elevation, azimuth) per view the world's captions name (its cameras stop at 45°: no `overhead`)."""
-SECTIONS = ("evaluator", "distillation", "samples", "views", "timing")
+SECTIONS = ("evaluator", "distillation", "samples", "views", "fixed-point", "timing")
 
 # issue 9's bars: (metric, threshold) per measurement
 BARS = {
@@ -82,11 +86,15 @@ class ReportConfig:
     """Samples drawn per DDIM run (bigger UNet batches are slower per image on CPU)."""
     view_guidance_scale: float = 3.0
     """Classifier-free guidance scale of the per-view samples (that of the shipped sample grid)."""
+    fixed_point_views: int = 2
+    """World renders per pair (random cameras of the nerf stage's distribution) in the fixed-point section."""
+    fixed_point_sds_scales: tuple[float, ...] = (100.0, 7.5)
+    """CFG scales of the SDS rows of the fixed-point section (100: the paper's baseline)."""
     seed: int = 0
 
 
-QUICK = {"samples_per_pair": 2, "ddim_steps": 25, "optimise_seeds": 1}
-"""`--quick`: an eighth of the sampling and half of the 2D optimisation (≈ 30 % of the UNet calls)."""
+QUICK = {"samples_per_pair": 2, "ddim_steps": 25, "optimise_seeds": 1, "fixed_point_views": 1}
+"""`--quick`: an eighth of the sampling, half of the 2D optimisation and of the fixed points."""
 
 
 def _fractions(results: list[ScoreResult]) -> dict[str, float]:
@@ -131,19 +139,23 @@ def front_view_embeddings(prior: DiffusionPrior, cache: TextEmbeddingCache) -> t
     return PromptEmbeddings(torch.cat([e.prompt for e in per_pair]), None, torch.cat([e.null for e in per_pair])), texts
 
 
-def distill_2d(prior: DiffusionPrior, embeddings: PromptEmbeddings, preset: str, seed: int, config: ReportConfig) -> torch.Tensor:
-    """Images `(N, 3, R, R)` in [0, 1], each optimised from grey toward its prompt with score distillation.
+def distill_2d(prior: DiffusionPrior, embeddings: PromptEmbeddings, guidance: GuidanceConfig, seed: int, config: ReportConfig,
+               start: torch.Tensor | None = None, desc: str = "2D") -> torch.Tensor:
+    """Images `(N, 3, R, R)` in [0, 1], each optimised toward its prompt with score distillation from
+    `start` `(N, 3, R, R)` (default: grey), pixels as the parameters (Adam, `config.optimise_*`).
 
-    All prompts share one batch (a UNet batch of 2N: prompt and empty prompt), so a run costs
-    `optimise_steps` UNet calls however many pairs there are.
+    All prompts share one batch (a UNet batch of 2N or 3N: prompt, empty and negative prompt), so a
+    run costs `optimise_steps` UNet calls however many pairs there are.
     """
-    guidance = ScoreDistillation(prior, guidance_config(preset))
+    distil = ScoreDistillation(prior, guidance)
     generator = torch.Generator().manual_seed(seed)
     size = prior.resolution
-    image = torch.full((embeddings.prompt.shape[0], 3, size, size), 0.5, device=prior.device, requires_grad=True)
+    if start is None:
+        start = torch.full((embeddings.prompt.shape[0], 3, size, size), 0.5)
+    image = start.clone().to(prior.device).requires_grad_(True)
     optimizer = torch.optim.Adam([image], lr=config.optimise_lr)
-    for step in tqdm(range(config.optimise_steps), desc=f"2D {preset}, seed {seed}", mininterval=5):
-        out = guidance(prior.encode_images(image), embeddings, step, generator)
+    for step in tqdm(range(config.optimise_steps), desc=desc, mininterval=5):
+        out = distil(prior.encode_images(image), embeddings, step, generator)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -159,7 +171,8 @@ def distillation(prior: DiffusionPrior, evaluator: Evaluator, config: ReportConf
     pair_of = [i for _ in seeds for i in range(len(PAIRS))]
     numbers = {"prompts": texts}
     for name, preset in (("CSD", "csd"), ("SDS", "sds")):
-        images = torch.cat([distill_2d(prior, embeddings, preset, seed, config) for seed in seeds])
+        images = torch.cat([distill_2d(prior, embeddings, guidance_config(preset), seed, config, desc=f"2D {preset}, seed {seed}")
+                            for seed in seeds])
         result = evaluator.score(images, texts * len(seeds))
         numbers[name] = {**_fractions([result]), "per_pair": _per_pair(result, pair_of)}
         # rows: each shape once per seed; columns: colours
@@ -234,6 +247,65 @@ def view_samples(prior: DiffusionPrior, model_path: Path, evaluator: Evaluator, 
                                         torch.full((n,), sum(cameras.distance_range) / 2), torch.full((n,), sum(cameras.fovy_range) / 2))
             rows += [render(scenes, view_cameras, world), images[:: config.samples_per_pair]]
     write_grid(torch.cat(rows), len(PAIRS), out / "views.png", scale=3)
+    return numbers
+
+
+FIXED_POINT_NEGATIVE = "oversaturated color, ugly, tiling, low quality, noisy"
+"""The official negative prompt (configs/csd-if.yaml), for the row of CSD's annealed end point."""
+
+
+def fixed_point_guidances(config: ReportConfig) -> dict[str, tuple[GuidanceConfig, str]]:
+    """Label → (guidance, negative prompt) of each row of the fixed-point section: the classifier score
+    (`csd`), the end point of `csd-annealed-negative` (ε_y − ε_neg with the official negative prompt,
+    configs/csd-if.yaml:79-85 after step 5000) and SDS at each of `config.fixed_point_sds_scales`."""
+    rows = {"CSD": (guidance_config("csd"), ""),
+            "CSD, negative prompt": (guidance_config("csd", negative_scale=-1.0, null_scale=0.0), FIXED_POINT_NEGATIVE)}
+    for scale in config.fixed_point_sds_scales:
+        rows[f"SDS CFG {scale:g}"] = (guidance_config("sds", prompt_scale=scale, null_scale=1.0 - scale), "")
+    return rows
+
+
+def fixed_points(prior: DiffusionPrior, evaluator: Evaluator, config: ReportConfig, out: Path) -> dict:
+    """Is the world's own object a fixed point of each guidance? `fixed_point_views` world renders of
+    every pair (random cameras of the nerf stage's distribution, captions with their view suffixes) are
+    optimised in 2D as `distill_2d` does, starting from the renders; the evaluator scores the renders and
+    each result (shares of views still the prompted shape / colour, per shape too), and `drift` is the
+    mean absolute pixel change. A guidance a distillation can trust keeps a perfect asset where it is;
+    one that moves it away will not make it either. `fixed_point.png`: the renders (first view of each
+    pair, shape-major), then one row per guidance in `fixed_point_guidances` order."""
+    from csd.cameras import CameraConfig, sample_cameras
+    from csd.toy.world import COLOURS, WorldConfig, render, sample_scenes
+
+    world, n = WorldConfig(), len(PAIRS) * config.fixed_point_views
+    generator = torch.Generator().manual_seed(config.seed)
+    scenes = sample_scenes(n, world, generator)
+    pair_of = torch.arange(len(PAIRS)).repeat(config.fixed_point_views)  # view-major: the first len(PAIRS) are view 0
+    scenes.shape, scenes.colour = pair_of // len(COLOUR_NAMES), pair_of % len(COLOUR_NAMES)  # PAIRS is shape-major
+    scenes.albedo = torch.tensor(list(COLOURS.values()))[scenes.colour]
+    cameras = sample_cameras(n, CameraConfig(), generator)
+    renders = render(scenes, cameras, world)
+
+    def judged(images: torch.Tensor, prompts: list[str]) -> dict:
+        result = evaluator.score(images, prompts)
+        return {**_fractions([result]), "shape by shape": {
+            name: float(result.shape_correct[scenes.shape == i].float().mean()) for i, name in enumerate(SHAPES)}}
+
+    numbers, rows = {}, [renders[: len(PAIRS)]]
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cache = TextEmbeddingCache(prior, Path(cache_dir))
+        for label, (guidance, negative) in {"world renders": (None, ""), **fixed_point_guidances(config)}.items():
+            per_view = [PromptProcessor(prior, PAIRS[p], negative, cache=cache) for p in pair_of.tolist()]
+            embedded = [processor(cameras.elevation[i : i + 1], cameras.azimuth[i : i + 1]) for i, processor in enumerate(per_view)]
+            texts = [processor.texts(cameras.elevation[i : i + 1], cameras.azimuth[i : i + 1])[0] for i, processor in enumerate(per_view)]
+            if guidance is None:
+                numbers[label] = {**judged(renders, texts), "drift": 0.0}
+                continue
+            embeddings = PromptEmbeddings(torch.cat([e.prompt for e in embedded]),
+                                          torch.cat([e.negative for e in embedded]) if negative else None, torch.cat([e.null for e in embedded]))
+            images = distill_2d(prior, embeddings, guidance, config.seed, config, start=renders, desc=f"fixed point, {label}")
+            numbers[label] = {**judged(images, texts), "drift": float((images - renders).abs().mean())}
+            rows.append(images[: len(PAIRS)])
+    write_grid(torch.cat(rows), len(PAIRS), out / "fixed_point.png", scale=3)
     return numbers
 
 
@@ -337,6 +409,22 @@ def write_markdown(numbers: dict, out: Path) -> None:
                          + " | ".join(f"{100 * r['shape by shape'][name]:.0f} %" for name in SHAPES) + " |")
         lines += ["", "Grid: `views.png` (per view: world renders from its camera over the prior's samples for the same caption; "
                   f"columns: {', '.join(COLOUR_NAMES)} for each of {', '.join(SHAPES)}).", ""]
+    if "fixed-point" in numbers:
+        c = numbers["config"]
+        lines += [
+            f"## Fixed points ({len(PAIRS)} pairs × {c['fixed_point_views']} world renders from random nerf cameras, "
+            f"{c['optimise_steps']} Adam steps, lr {c['optimise_lr']}, from the renders)",
+            "",
+            "Shares of views the evaluator still judges the prompted colour / shape; drift = mean |pixel change|.",
+            "",
+            "| start → guidance | colour | shape | " + " | ".join(SHAPES) + " | drift |",
+            "|---|---|---|" + "---|" * len(SHAPES) + "---|",
+        ]
+        for label, r in numbers["fixed-point"].items():
+            lines.append(f"| {label} | {100 * r['colour']:.1f} % | {100 * r['shape']:.1f} % | "
+                         + " | ".join(f"{100 * r['shape by shape'][name]:.0f} %" for name in SHAPES) + f" | {r['drift']:.3f} |")
+        lines += ["", "Grid: `fixed_point.png` (the renders, then one row per guidance in the table's order; "
+                  f"columns: {', '.join(COLOUR_NAMES)} for each of {', '.join(SHAPES)}).", ""]
     if "unet_forward_ms" in numbers:
         ms = numbers["unet_forward_ms"]
         verdict = "✓" if ms <= UNET_BAR_MS else "✗"
@@ -372,6 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ddim-steps", type=int)
     parser.add_argument("--optimise-steps", type=int)
     parser.add_argument("--optimise-seeds", type=int)
+    parser.add_argument("--optimise-lr", type=float)
+    parser.add_argument("--fixed-point-views", type=int)
+    parser.add_argument("--fixed-point-sds-scales", type=float, nargs="+")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -384,8 +475,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     config = replace(ReportConfig(), **QUICK) if args.quick else ReportConfig()
     overrides = {f.name: getattr(args, f.name, None) for f in fields(ReportConfig)}
-    if overrides["guidance_scales"] is not None:
-        overrides["guidance_scales"] = tuple(overrides["guidance_scales"])
+    for name in ("guidance_scales", "fixed_point_sds_scales"):
+        if overrides[name] is not None:
+            overrides[name] = tuple(overrides[name])
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     args.out.mkdir(parents=True, exist_ok=True)
     started, cpu_started = time.time(), time.process_time()
@@ -421,6 +513,11 @@ def main(argv: list[str] | None = None) -> None:
         numbers["views"] = view_samples(prior, model_path, evaluator, config, args.out)
         for view, r in numbers["views"].items():
             log.info("samples, %s view: colour %.3f, shape %.3f (%s)", view, r["colour"], r["shape"],
+                     ", ".join(f"{k} {v:.2f}" for k, v in r["shape by shape"].items()))
+    if "fixed-point" in sections:
+        numbers["fixed-point"] = fixed_points(prior, evaluator, config, args.out)
+        for label, r in numbers["fixed-point"].items():
+            log.info("fixed point, %s: colour %.3f, shape %.3f, drift %.3f (%s)", label, r["colour"], r["shape"], r["drift"],
                      ", ".join(f"{k} {v:.2f}" for k, v in r["shape by shape"].items()))
     numbers["wall_time_s"] = time.time() - started
     numbers["cpu_time_s"] = time.process_time() - cpu_started  # wall time on a busy machine says little
