@@ -29,6 +29,23 @@ PROMPTS = [
     "a green cone", "a yellow cube", "a purple torus", "a orange cone",
 ]
 METHODS = ("csd", "csd-annealed-negative", "sds")
+"""The default methods: guidance presets. `--methods` also takes `sds-cfg<S>`, SDS at CFG S (e.g.
+`sds-cfg7.5`: prompt_scale 7.5, null_scale -6.5), beside the preset's CFG 100."""
+
+
+def method_overrides(method: str) -> tuple[str, dict]:
+    """A `--methods` label → (guidance preset, guidance overrides): `sds-cfg7.5` → ("sds", CFG 7.5)."""
+    if method.startswith("sds-cfg"):
+        try:
+            scale = float(method[len("sds-cfg"):])
+        except ValueError:
+            raise ValueError(f"method {method!r}: expected sds-cfg<number>, e.g. sds-cfg7.5") from None
+        return "sds", {"prompt_scale": scale, "null_scale": 1.0 - scale}
+    from csd.guidance import GUIDANCE_PRESETS
+
+    if method not in GUIDANCE_PRESETS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(GUIDANCE_PRESETS)} or sds-cfg<number>")
+    return method, {}
 NEGATIVE = "oversaturated color, ugly, tiling, low quality, noisy"
 
 
@@ -44,11 +61,14 @@ def _one(job: dict) -> dict:
     from stages.nerf import NerfConfig, render_turntable, run
 
     preset = load_preset(job["preset"])
-    overrides = {"prompt": job["prompt"], "seed": job["seed"], "method": job["method"], "negative_prompt": NEGATIVE}
+    method, guidance = method_overrides(job["method"])
+    overrides = {"prompt": job["prompt"], "seed": job["seed"], "method": method, "negative_prompt": NEGATIVE}
+    if guidance:
+        overrides["guidance"] = guidance
     if job["steps"]:
         overrides["steps"] = job["steps"]
     steps = job["steps"] or preset["nerf"]["steps"]
-    if job["method"] == "csd-annealed-negative":
+    if method == "csd-annealed-negative":
         # the official anneal spans the first half of the run (0-5000 of 10 000 steps): keep that shape
         half = steps // 2
         overrides["guidance"] = {"negative_scale": [0, 0.0, -1.0, half], "null_scale": [0, -1.0, 0.0, half],
@@ -80,6 +100,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-nerf"))
     args = parser.parse_args()
+    for method in args.methods.split(","):
+        try:
+            method_overrides(method)
+        except ValueError as error:
+            parser.error(str(error))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     jobs = [
         {"method": m, "prompt": p, "seed": s, "steps": args.steps, "preset": args.preset, "out": str(args.out)}
