@@ -1,0 +1,33 @@
+"""bench/nerf_quality.py's method labels (bench/quality.py uses the same): presets, and `sds-cfg<S>`."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from csd.guidance import guidance_config
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "nerf_quality.py"
+
+
+@pytest.fixture(scope="module")
+def nerf_quality():
+    spec = importlib.util.spec_from_file_location("bench_nerf_quality", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_sds_cfg_label_is_sds_at_that_scale(nerf_quality):
+    preset, overrides = nerf_quality.method_overrides("sds-cfg7.5")
+    config = guidance_config(preset, **overrides)
+    # SDS at CFG s: s·ε_y + (1 − s)·ε_∅ − ε, with the preset's weighting
+    assert (config.prompt_scale, config.null_scale, config.noise_scale) == (7.5, -6.5, -1.0)
+    assert config.weighting == guidance_config("sds").weighting
+    assert nerf_quality.method_overrides("csd") == ("csd", {})
+
+
+@pytest.mark.parametrize("label", ["sds-cfg", "sds-cfgx", "csd-cfg7.5", "SDS"])
+def test_a_bad_label_names_what_is_valid(nerf_quality, label):
+    with pytest.raises(ValueError, match="sds-cfg<number>"):
+        nerf_quality.method_overrides(label)
