@@ -1,4 +1,5 @@
-"""bench/nerf_quality.py's method labels (bench/quality.py uses the same): presets, and `sds-cfg<S>`."""
+"""bench/nerf_quality.py's method labels (bench/quality.py and bench/nerf_fixed_point.py use the same), and the
+fixed-point bench's start field."""
 
 import importlib.util
 from pathlib import Path
@@ -31,3 +32,24 @@ def test_an_sds_cfg_label_is_sds_at_that_scale(nerf_quality):
 def test_a_bad_label_names_what_is_valid(nerf_quality, label):
     with pytest.raises(ValueError, match="sds-cfg<number>"):
         nerf_quality.method_overrides(label)
+
+
+@pytest.mark.slow
+def test_the_fixed_point_bench_starts_from_the_world_primitive():
+    import importlib.util
+
+    import torch
+
+    from csd.fields import FieldConfig, ImplicitVolume
+    from csd.toy import groundtruth as gt
+    from stages.config import build_config, load_preset
+
+    spec = importlib.util.spec_from_file_location("bench_nerf_fixed_point", BENCH.parent / "nerf_fixed_point.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    field = bench.fit_primitive_field(ImplicitVolume(build_config(FieldConfig, load_preset("toy-cpu")["nerf"]["field"])), "cube", "red",
+                                      steps=200, points_per_step=4096)
+    score = gt.score_field_shape(field, bench._level(field), "cube")
+    assert score.best_shape == "cube" and score.shape_iou >= 0.95
+    assert score.fits["cube"].radius == pytest.approx(bench.START_RADIUS, abs=0.05)
