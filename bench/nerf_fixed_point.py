@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nerf_quality import NEGATIVE, method_overrides  # noqa: E402
+from nerf_quality import NEGATIVE, check_methods, method_overrides  # noqa: E402
 
 PROMPTS = ["a red cube", "a yellow torus", "a blue cone", "a green sphere"]
 START_RADIUS, START_YAW, FIT_STEPS = 0.6, 0.3, 600
@@ -106,11 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     from csd.toy.evaluator import parse_prompt
 
-    for method in args.methods.split(","):
-        try:
-            method_overrides(method)
-        except ValueError as error:
-            parser.error(str(error))
+    check_methods(parser, args.methods)
     for prompt in args.prompts:
         try:
             parse_prompt(prompt)

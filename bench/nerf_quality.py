@@ -46,6 +46,17 @@ def method_overrides(method: str) -> tuple[str, dict]:
     if method not in GUIDANCE_PRESETS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(GUIDANCE_PRESETS)} or sds-cfg<number>")
     return method, {}
+
+
+def check_methods(parser: argparse.ArgumentParser, methods: str) -> list[str]:
+    """The `--methods` labels, comma-separated; a bad one stops the command (`parser.error`) before any run."""
+    labels = methods.split(",")
+    for method in labels:
+        try:
+            method_overrides(method)
+        except ValueError as error:
+            parser.error(str(error))
+    return labels
 NEGATIVE = "oversaturated color, ugly, tiling, low quality, noisy"
 
 
@@ -100,11 +111,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-nerf"))
     args = parser.parse_args()
-    for method in args.methods.split(","):
-        try:
-            method_overrides(method)
-        except ValueError as error:
-            parser.error(str(error))
+    check_methods(parser, args.methods)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     jobs = [
         {"method": m, "prompt": p, "seed": s, "steps": args.steps, "preset": args.preset, "out": str(args.out)}

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nerf_quality import METHODS, PROMPTS, method_overrides  # noqa: E402  (the same prompts and methods as the nerf table)
+from nerf_quality import METHODS, PROMPTS, check_methods  # noqa: E402  (the same prompts and methods as the nerf table)
 
 STAGES = ("nerf", "mesh", "uv", "texture")
 CELL = 96
@@ -153,11 +153,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
     args = parser.parse_args()
-    for method in args.methods.split(","):
-        try:
-            method_overrides(method)
-        except ValueError as error:
-            parser.error(str(error))
+    check_methods(parser, args.methods)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from stages.common import atomic_write_text
 
