@@ -1,20 +1,15 @@
 """bench/gpu.py: the published architectures, and its `--tiny` run of the `if-gpu` nerf and texture stages on CPU."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu.py"
+from benches import load_bench
 
 
 @pytest.fixture(scope="module")
 def gpu_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu")
 
 
 def test_full_architectures_have_the_published_sizes(gpu_bench):

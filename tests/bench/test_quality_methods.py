@@ -1,22 +1,15 @@
 """bench/nerf_quality.py's method labels (bench/quality.py and bench/nerf_fixed_point.py use the same), and the
 fixed-point bench's start field."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from benches import load_bench
 from csd.guidance import guidance_config
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "nerf_quality.py"
 
 
 @pytest.fixture(scope="module")
 def nerf_quality():
-    spec = importlib.util.spec_from_file_location("bench_nerf_quality", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("nerf_quality")
 
 
 def test_an_sds_cfg_label_is_sds_at_that_scale(nerf_quality):
@@ -36,17 +29,13 @@ def test_a_bad_label_names_what_is_valid(nerf_quality, label):
 
 @pytest.mark.slow
 def test_the_fixed_point_bench_starts_from_the_world_primitive():
-    import importlib.util
-
     import torch
 
     from csd.fields import FieldConfig, ImplicitVolume
     from csd.toy import groundtruth as gt
     from stages.config import build_config, load_preset
 
-    spec = importlib.util.spec_from_file_location("bench_nerf_fixed_point", BENCH.parent / "nerf_fixed_point.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("nerf_fixed_point")
     torch.manual_seed(0)
     field = bench.fit_primitive_field(ImplicitVolume(build_config(FieldConfig, load_preset("toy-cpu")["nerf"]["field"])), "cube", "red",
                                       steps=200, points_per_step=4096)
