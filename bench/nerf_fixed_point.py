@@ -53,6 +53,7 @@ def fit_primitive_field(volume, shape: str, colour: str, steps: int = FIT_STEPS,
 
 
 def _level(field) -> float:
+    """The `auto` surface level of `field`, as `csd.mesh.extract_isosurface` finds it on its coarse pass."""
     import numpy as np
 
     from csd.mesh import ExtractionConfig, auto_threshold, sample_density
@@ -66,11 +67,11 @@ def _one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     import stages.nerf as nerf_stage
+    from csd.fields import load_field
     from csd.toy import groundtruth as gt
+    from csd.toy.evaluator import parse_prompt
     from stages.config import build_config, load_preset
     from stages.score import score_field_dir
-
-    from csd.toy.evaluator import parse_prompt
 
     colour, shape = parse_prompt(job["prompt"])
     method, guidance = method_overrides(job["method"])
@@ -88,8 +89,6 @@ def _one(job: dict) -> dict:
         nerf_stage.run(config, out)
     finally:
         nerf_stage.ImplicitVolume = field_class
-    from csd.fields import load_field
-
     end = score_field_dir(out, job["prompt"], _level(load_field(out)))
     return {**job, "dir": str(out), "start_iou": start_score.shape_iou, "start_radius": start_score.fits[shape].radius,
             "end_iou": end["shape_iou"], "end_radius": end["fit_radius"], "end_best_shape": end["best_shape"],

@@ -250,18 +250,13 @@ def view_samples(prior: DiffusionPrior, model_path: Path, evaluator: Evaluator, 
     return numbers
 
 
-FIXED_POINT_NEGATIVE = "oversaturated color, ugly, tiling, low quality, noisy"
-"""The official negative prompt (configs/csd-if.yaml), for the row of CSD's annealed end point."""
-
-
-def fixed_point_guidances(config: ReportConfig) -> dict[str, tuple[GuidanceConfig, str]]:
-    """Label → (guidance, negative prompt) of each row of the fixed-point section: the classifier score
-    (`csd`), the end point of `csd-annealed-negative` (ε_y − ε_neg with the official negative prompt,
-    configs/csd-if.yaml:79-85 after step 5000) and SDS at each of `config.fixed_point_sds_scales`."""
-    rows = {"CSD": (guidance_config("csd"), ""),
-            "CSD, negative prompt": (guidance_config("csd", negative_scale=-1.0, null_scale=0.0), FIXED_POINT_NEGATIVE)}
+def fixed_point_guidances(config: ReportConfig) -> dict[str, GuidanceConfig]:
+    """Label → guidance of each row of the fixed-point section: the classifier score (`csd`), the end
+    point of `csd-annealed-negative` (ε_y − ε_neg with the official negative prompt, configs/csd-if.yaml:79-85
+    after step 5000) and SDS at each of `config.fixed_point_sds_scales`."""
+    rows = {"CSD": guidance_config("csd"), "CSD, negative prompt": guidance_config("csd", negative_scale=-1.0, null_scale=0.0)}
     for scale in config.fixed_point_sds_scales:
-        rows[f"SDS CFG {scale:g}"] = (guidance_config("sds", prompt_scale=scale, null_scale=1.0 - scale), "")
+        rows[f"SDS CFG {scale:g}"] = guidance_config("sds", prompt_scale=scale, null_scale=1.0 - scale)
     return rows
 
 
@@ -275,6 +270,7 @@ def fixed_points(prior: DiffusionPrior, evaluator: Evaluator, config: ReportConf
     pair, shape-major), then one row per guidance in `fixed_point_guidances` order."""
     from csd.cameras import CameraConfig, sample_cameras
     from csd.toy.world import COLOURS, WorldConfig, render, sample_scenes
+    from stages.config import load_preset
 
     world, n = WorldConfig(), len(PAIRS) * config.fixed_point_views
     generator = torch.Generator().manual_seed(config.seed)
@@ -290,21 +286,22 @@ def fixed_points(prior: DiffusionPrior, evaluator: Evaluator, config: ReportConf
         return {**_fractions([result]), "shape by shape": {
             name: float(result.shape_correct[scenes.shape == i].float().mean()) for i, name in enumerate(SHAPES)}}
 
-    numbers, rows = {}, [renders[: len(PAIRS)]]
+    # every camera's view caption, with the official negative prompt (a guidance with no negative term
+    # never runs that branch: `ScoreDistillation` skips zero coefficients)
+    negative = load_preset("if-gpu")["nerf"]["negative_prompt"]
     with tempfile.TemporaryDirectory() as cache_dir:
         cache = TextEmbeddingCache(prior, Path(cache_dir))
-        for label, (guidance, negative) in {"world renders": (None, ""), **fixed_point_guidances(config)}.items():
-            per_view = [PromptProcessor(prior, PAIRS[p], negative, cache=cache) for p in pair_of.tolist()]
-            embedded = [processor(cameras.elevation[i : i + 1], cameras.azimuth[i : i + 1]) for i, processor in enumerate(per_view)]
-            texts = [processor.texts(cameras.elevation[i : i + 1], cameras.azimuth[i : i + 1])[0] for i, processor in enumerate(per_view)]
-            if guidance is None:
-                numbers[label] = {**judged(renders, texts), "drift": 0.0}
-                continue
-            embeddings = PromptEmbeddings(torch.cat([e.prompt for e in embedded]),
-                                          torch.cat([e.negative for e in embedded]) if negative else None, torch.cat([e.null for e in embedded]))
-            images = distill_2d(prior, embeddings, guidance, config.seed, config, start=renders, desc=f"fixed point, {label}")
-            numbers[label] = {**judged(images, texts), "drift": float((images - renders).abs().mean())}
-            rows.append(images[: len(PAIRS)])
+        processors = [PromptProcessor(prior, PAIRS[p], negative, cache=cache) for p in pair_of.tolist()]
+        views = [(cameras.elevation[i : i + 1], cameras.azimuth[i : i + 1]) for i in range(n)]
+        embedded = [processor(*view) for processor, view in zip(processors, views)]
+        texts = [processor.texts(*view)[0] for processor, view in zip(processors, views)]
+    embeddings = PromptEmbeddings(*(torch.cat([getattr(e, part) for e in embedded]) for part in ("prompt", "negative", "null")))
+
+    numbers, rows = {"world renders": {**judged(renders, texts), "drift": 0.0}}, [renders[: len(PAIRS)]]
+    for label, guidance in fixed_point_guidances(config).items():
+        images = distill_2d(prior, embeddings, guidance, config.seed, config, start=renders, desc=f"fixed point, {label}")
+        numbers[label] = {**judged(images, texts), "drift": float((images - renders).abs().mean())}
+        rows.append(images[: len(PAIRS)])
     write_grid(torch.cat(rows), len(PAIRS), out / "fixed_point.png", scale=3)
     return numbers
 
