@@ -12,7 +12,9 @@ Writes `report.md`, `report.json` and PNG grids into `--out`:
    beside world renders from the same cameras: what a 3D distillation asks of the prior;
 5. **fixed points** (`fixed-point`): the world's own renders of every pair, optimised in 2D by each
    guidance from where a perfect asset would stand, scored by the evaluator before and after: does
-   the guidance keep the prompted object, or pull it somewhere else?
+   the guidance keep the prompted object, or pull it somewhere else? With `--ideal-bank N` the prior
+   is replaced by `EmpiricalPrior`, the exact denoiser of N fresh world renders per pair: a drift that
+   stays there is the guidance's own, not the learned prior's;
 6. the UNet's forward time at batch 3.
 
 Every prompt carries the view suffix of a front camera (elevation 15°, azimuth 0°): all non-empty
@@ -90,6 +92,9 @@ class ReportConfig:
     """World renders per pair (random cameras of the nerf stage's distribution) in the fixed-point section."""
     fixed_point_sds_scales: tuple[float, ...] = (100.0, 7.5)
     """CFG scales of the SDS rows of the fixed-point section (100: the paper's baseline)."""
+    ideal_bank: int = 0
+    """> 0: the fixed-point section asks `EmpiricalPrior`, the exact denoiser of this many fresh world
+    renders per pair, in place of the prior (an ideal prior of the world, no learned errors)."""
     seed: int = 0
 
 
@@ -253,11 +258,60 @@ def view_samples(prior: DiffusionPrior, model_path: Path, evaluator: Evaluator, 
 def fixed_point_guidances(config: ReportConfig) -> dict[str, GuidanceConfig]:
     """Label → guidance of each row of the fixed-point section: the classifier score (`csd`), the end
     point of `csd-annealed-negative` (ε_y − ε_neg with the official negative prompt, configs/csd-if.yaml:79-85
-    after step 5000) and SDS at each of `config.fixed_point_sds_scales`."""
-    rows = {"CSD": guidance_config("csd"), "CSD, negative prompt": guidance_config("csd", negative_scale=-1.0, null_scale=0.0)}
+    after step 5000; not with `ideal_bank`) and SDS at each of `config.fixed_point_sds_scales`."""
+    rows = {"CSD": guidance_config("csd")}
+    if not config.ideal_bank:  # the bank has no degraded images for the negative prompt to name
+        rows["CSD, negative prompt"] = guidance_config("csd", negative_scale=-1.0, null_scale=0.0)
     for scale in config.fixed_point_sds_scales:
         rows[f"SDS CFG {scale:g}"] = guidance_config("sds", prompt_scale=scale, null_scale=1.0 - scale)
     return rows
+
+
+class EmpiricalPrior:
+    """The exact denoiser of a bank of world renders in a prior's place (`predict_noise`; everything else
+    is `prior`'s): x̂₀(x_t, y) = Σᵢ softmaxᵢ(−‖x_t − √ᾱ_t bᵢ‖² / 2(1 − ᾱ_t)) bᵢ over the bank's images bᵢ
+    (model space) of the prompt's pair, over every image for the empty prompt, and ε̂ = (x_t − √ᾱ_t x̂₀) /
+    √(1 − ᾱ_t): what an ideal prior of the bank's distribution predicts (Tweedie). A guidance that still
+    moves the world's own object under it does so by its own objective, not by the learned prior's errors.
+    Text embeddings are told apart by exact match with `keys` `(K, L, D)` (`key_pairs`: pair index, −1 for
+    the empty prompt); any other embedding (a negative prompt: the bank has no degraded images) raises."""
+
+    def __init__(self, prior: DiffusionPrior, bank: torch.Tensor, bank_pairs: torch.Tensor, keys: torch.Tensor, key_pairs: torch.Tensor):
+        self.prior, self.bank, self.bank_pairs = prior, bank.flatten(1), bank_pairs
+        self.keys, self.key_pairs, self.bank_norms = keys.flatten(1), key_pairs, (bank.flatten(1) ** 2).sum(1)
+
+    def __getattr__(self, name: str):
+        return getattr(self.prior, name)
+
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        distances = torch.cdist(text_embeddings.flatten(1).float(), self.keys.float(), compute_mode="donot_use_mm_for_euclid_dist")
+        nearest = distances.argmin(1)
+        if float(distances.gather(1, nearest[:, None]).max()) > 1e-4:
+            raise ValueError("EmpiricalPrior: a text embedding that is not one of its keys (a pair's prompt or the empty prompt)")
+        pair = self.key_pairs[nearest]
+        alpha = self.prior.alphas_cumprod[t.cpu()].to(z_t).view(-1, 1)
+        x = z_t.flatten(1).float()
+        logits = -((x**2).sum(1, keepdim=True) - 2 * alpha.sqrt() * x @ self.bank.T + alpha * self.bank_norms) / (2 * (1 - alpha))
+        allowed = (self.bank_pairs[None] == pair[:, None]) | (pair[:, None] < 0)
+        x0 = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=1) @ self.bank
+        return ((x - alpha.sqrt() * x0) / (1 - alpha).sqrt()).view_as(z_t)
+
+
+def world_bank(per_pair: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_pair` world renders of every pair (the world's scene and nerf camera distributions, palette
+    albedo) as images `(24·per_pair, 3, 32, 32)` in [0, 1] and their pair indices."""
+    from csd.cameras import CameraConfig, sample_cameras
+    from csd.toy.world import COLOURS, WorldConfig, render, sample_scenes
+
+    world, generator = WorldConfig(), torch.Generator().manual_seed(seed)
+    pairs = torch.arange(len(PAIRS)).repeat_interleave(per_pair)
+    images = []
+    for chunk in tqdm(pairs.split(256), desc="world bank", mininterval=5):
+        scenes = sample_scenes(len(chunk), world, generator)
+        scenes.shape, scenes.colour = chunk // len(COLOUR_NAMES), chunk % len(COLOUR_NAMES)
+        scenes.albedo = torch.tensor(list(COLOURS.values()))[scenes.colour]
+        images.append(render(scenes, sample_cameras(len(chunk), CameraConfig(), generator), world))
+    return torch.cat(images), pairs
 
 
 def fixed_points(prior: DiffusionPrior, evaluator: Evaluator, config: ReportConfig, out: Path) -> dict:
@@ -296,6 +350,10 @@ def fixed_points(prior: DiffusionPrior, evaluator: Evaluator, config: ReportConf
         embedded = [processor(*view) for processor, view in zip(processors, views)]
         texts = [processor.texts(*view)[0] for processor, view in zip(processors, views)]
     embeddings = PromptEmbeddings(*(torch.cat([getattr(e, part) for e in embedded]) for part in ("prompt", "negative", "null")))
+    if config.ideal_bank:
+        bank, bank_pairs = world_bank(config.ideal_bank, config.seed + 1)
+        keys = torch.cat([embeddings.prompt, embeddings.null[:1]])
+        prior = EmpiricalPrior(prior, prior.encode_images(bank), bank_pairs, keys, torch.cat([pair_of, torch.tensor([-1])]))
 
     numbers, rows = {"world renders": {**judged(renders, texts), "drift": 0.0}}, [renders[: len(PAIRS)]]
     for label, guidance in fixed_point_guidances(config).items():
@@ -412,6 +470,8 @@ def write_markdown(numbers: dict, out: Path) -> None:
             f"## Fixed points ({len(PAIRS)} pairs × {c['fixed_point_views']} world renders from random nerf cameras, "
             f"{c['optimise_steps']} Adam steps, lr {c['optimise_lr']}, from the renders)",
             "",
+            *([f"Under the exact denoiser of {c['ideal_bank']} fresh world renders per pair (`EmpiricalPrior`), not the prior.", ""]
+              if c.get("ideal_bank") else []),
             "Shares of views the evaluator still judges the prompted colour / shape; drift = mean |pixel change|.",
             "",
             "| start → guidance | colour | shape | " + " | ".join(SHAPES) + " | drift |",
@@ -460,6 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--optimise-lr", type=float)
     parser.add_argument("--fixed-point-views", type=int)
     parser.add_argument("--fixed-point-sds-scales", type=float, nargs="+")
+    parser.add_argument("--ideal-bank", type=int, help="fixed points under the exact denoiser of N world renders per pair (EmpiricalPrior)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
