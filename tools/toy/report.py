@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from csd.cameras import Cameras
 from csd.guidance import GuidanceConfig, ScoreDistillation, guidance_config
 from csd.models import DiffusionPrior, ModelConfig, load_prior, resolve_model_path
 from csd.prompts import PromptEmbeddings, PromptProcessor, TextEmbeddingCache
@@ -297,20 +298,25 @@ class EmpiricalPrior:
         return ((x - alpha.sqrt() * x0) / (1 - alpha).sqrt()).view_as(z_t)
 
 
-def world_bank(per_pair: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`per_pair` world renders of every pair (the world's scene and nerf camera distributions, palette
-    albedo) as images `(24·per_pair, 3, 32, 32)` in [0, 1] and their pair indices."""
+def pair_renders(pairs: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Cameras]:
+    """World renders `(N, 3, 32, 32)` in [0, 1] of the pairs `pairs` `(N,)` (indices into `PAIRS`; the world's
+    radius, yaw, background and light draws, palette albedo) from random nerf cameras, and those cameras."""
     from csd.cameras import CameraConfig, sample_cameras
     from csd.toy.world import COLOURS, WorldConfig, render, sample_scenes
 
-    world, generator = WorldConfig(), torch.Generator().manual_seed(seed)
+    world = WorldConfig()
+    scenes = sample_scenes(len(pairs), world, generator)
+    scenes.shape, scenes.colour = pairs // len(COLOUR_NAMES), pairs % len(COLOUR_NAMES)  # PAIRS is shape-major
+    scenes.albedo = torch.tensor(list(COLOURS.values()))[scenes.colour]
+    cameras = sample_cameras(len(pairs), CameraConfig(), generator)
+    return render(scenes, cameras, world), cameras
+
+
+def world_bank(per_pair: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_pair` `pair_renders` of every pair, as images `(24·per_pair, 3, 32, 32)` and their pair indices."""
+    generator = torch.Generator().manual_seed(seed)
     pairs = torch.arange(len(PAIRS)).repeat_interleave(per_pair)
-    images = []
-    for chunk in tqdm(pairs.split(256), desc="world bank", mininterval=5):
-        scenes = sample_scenes(len(chunk), world, generator)
-        scenes.shape, scenes.colour = chunk // len(COLOUR_NAMES), chunk % len(COLOUR_NAMES)
-        scenes.albedo = torch.tensor(list(COLOURS.values()))[scenes.colour]
-        images.append(render(scenes, sample_cameras(len(chunk), CameraConfig(), generator), world))
+    images = [pair_renders(chunk, generator)[0] for chunk in tqdm(pairs.split(256), desc="world bank", mininterval=5)]
     return torch.cat(images), pairs
 
 
@@ -322,23 +328,17 @@ def fixed_points(prior: DiffusionPrior, evaluator: Evaluator, config: ReportConf
     mean absolute pixel change. A guidance a distillation can trust keeps a perfect asset where it is;
     one that moves it away will not make it either. `fixed_point.png`: the renders (first view of each
     pair, shape-major), then one row per guidance in `fixed_point_guidances` order."""
-    from csd.cameras import CameraConfig, sample_cameras
-    from csd.toy.world import COLOURS, WorldConfig, render, sample_scenes
     from stages.config import load_preset
 
-    world, n = WorldConfig(), len(PAIRS) * config.fixed_point_views
-    generator = torch.Generator().manual_seed(config.seed)
-    scenes = sample_scenes(n, world, generator)
+    n = len(PAIRS) * config.fixed_point_views
     pair_of = torch.arange(len(PAIRS)).repeat(config.fixed_point_views)  # view-major: the first len(PAIRS) are view 0
-    scenes.shape, scenes.colour = pair_of // len(COLOUR_NAMES), pair_of % len(COLOUR_NAMES)  # PAIRS is shape-major
-    scenes.albedo = torch.tensor(list(COLOURS.values()))[scenes.colour]
-    cameras = sample_cameras(n, CameraConfig(), generator)
-    renders = render(scenes, cameras, world)
+    renders, cameras = pair_renders(pair_of, torch.Generator().manual_seed(config.seed))
+    shape_of = pair_of // len(COLOUR_NAMES)
 
     def judged(images: torch.Tensor, prompts: list[str]) -> dict:
         result = evaluator.score(images, prompts)
         return {**_fractions([result]), "shape by shape": {
-            name: float(result.shape_correct[scenes.shape == i].float().mean()) for i, name in enumerate(SHAPES)}}
+            name: float(result.shape_correct[shape_of == i].float().mean()) for i, name in enumerate(SHAPES)}}
 
     # every camera's view caption, with the official negative prompt (a guidance with no negative term
     # never runs that branch: `ScoreDistillation` skips zero coefficients)
