@@ -2,8 +2,11 @@
 
 The hash grid follows Instant-NGP as configured in threestudio/CSD (12 levels × 2 features, 2^19
 table, base resolution 16, max 512). Coarse levels whose vertex count fits the table are stored
-densely and read with `grid_sample` (fast on CPU and GPU); finer levels are hashed. Without
-gradients, a hashed level whose vertex grid is small next to the query is gathered into a dense
+densely and read with `grid_sample` (fast on CPU and GPU); finer levels are hashed. When the
+points themselves need gradients (analytic normals, whose `create_graph` backward differentiates
+the lookup twice), dense levels are read by the same 8-corner gather as hashed ones: torch 2.11 on
+CUDA has no second derivative of `grid_sample` in 3-D ("derivative for aten::grid_sampler_3d_backward
+is not implemented", bench/gpu.py on an H200, 2026-12-04). Without gradients, a hashed level whose vertex grid is small next to the query is gathered into a dense
 grid first and read the same way (see `HashGridEncoding.forward`). The density gets Magic3D's
 blob bias, so optimisation starts from a ball at the origin.
 """
@@ -113,7 +116,12 @@ class HashGridEncoding(nn.Module):
         features: list[Tensor] = [None] * self.config.n_levels  # type: ignore[list-item]
         # grid_sample wants (x, y, z) in [-1, 1] indexing (W, H, D); our grids are indexed [x, y, z] → flip
         grid = (x * 2 - 1).flip(-1).view(1, -1, 1, 1, 3).to(self.dense[0].dtype if len(self.dense) else x.dtype)
+        twice_differentiable = torch.is_grad_enabled() and x.requires_grad
         for level, table in zip(self.dense_levels, self.dense):
+            if twice_differentiable:  # no grid_sample: see the module docstring
+                rows = table.view(table.shape[1], -1).t()  # vertex [x, y, z] in C order → row
+                features[level] = self._corner_lookup(x, self.resolutions[level], rows, hashed=False)
+                continue
             sampled = F.grid_sample(table, grid, mode="bilinear", align_corners=True, padding_mode="border")
             features[level] = sampled.view(table.shape[1], -1).t()
         for level, table in zip(self.hashed_levels, self.hashed):
@@ -128,30 +136,37 @@ class HashGridEncoding(nn.Module):
                 sampled = F.grid_sample(volume, grid, mode="bilinear", align_corners=True, padding_mode="border")
                 features[level] = sampled.view(table.shape[1], -1).t()
             else:
-                features[level] = self._hashed_lookup(x, self.resolutions[level], table)
+                features[level] = self._corner_lookup(x, self.resolutions[level], table)
         return torch.cat(features, dim=-1)
 
     @staticmethod
-    def _hashed_lookup(x: Tensor, resolution: int, table: Tensor) -> Tensor:
-        """Trilinear interpolation of the 8 hashed cell corners, all corners in one gather.
+    def _corner_lookup(x: Tensor, resolution: int, table: Tensor, hashed: bool = True) -> Tensor:
+        """Trilinear interpolation of the 8 cell corners, all corners in one gather.
 
-        Corner `o` (0…7) is offset by the bits of `o` (x, y, z from the high bit down). Its hash
-        and weight combine per-axis terms `(N, 2)` spread to `(N, 8)` by column selection (contiguous
-        operands: broadcast int64 XORs are several times slower on CPU). `index_select` rather than
-        `table[index]`: its backward is an `index_add`, ~3× faster on CPU than advanced indexing's."""
+        A corner's row in `table` is its spatial hash (`hashed`) or, for a dense level of
+        `(resolution + 1)³` rows, its index `[x, y, z]` in C order (x slowest). Corner `o` (0…7) is
+        offset by the bits of `o` (x, y, z from the high bit down). Its row and weight combine
+        per-axis terms `(N, 2)` spread to `(N, 8)` by column selection (contiguous operands: broadcast
+        int64 XORs are several times slower on CPU). `index_select` rather than `table[index]`: its
+        backward is an `index_add`, ~3× faster on CPU than advanced indexing's, and differentiable again."""
         scaled = x * resolution
         corner = scaled.floor().clamp(0, resolution - 1)
         frac = scaled - corner  # (N, 3)
         corner = corner.long()
         bits = _CORNER_BITS.to(x.device)  # (3, 8)
+        strides = _PRIMES if hashed else ((resolution + 1) ** 2, resolution + 1, 1)
         index = weight = None
         for d in range(3):
-            axis_hash = torch.stack([corner[:, d], corner[:, d] + 1], -1) * _PRIMES[d]  # (N, 2)
+            axis_index = torch.stack([corner[:, d], corner[:, d] + 1], -1) * strides[d]  # (N, 2)
             axis_weight = torch.stack([1 - frac[:, d], frac[:, d]], -1)
-            axis_hash, axis_weight = axis_hash.index_select(1, bits[d]), axis_weight.index_select(1, bits[d])  # (N, 8)
-            index = axis_hash if index is None else index ^ axis_hash
+            axis_index, axis_weight = axis_index.index_select(1, bits[d]), axis_weight.index_select(1, bits[d])  # (N, 8)
+            if index is None:
+                index = axis_index
+            else:
+                index = index ^ axis_index if hashed else index + axis_index
             weight = axis_weight if weight is None else weight * axis_weight
-        corners = table.index_select(0, _table_rows(index, table.shape[0]).view(-1)).view(-1, 8, table.shape[1])
+        rows = _table_rows(index, table.shape[0]) if hashed else index
+        corners = table.index_select(0, rows.view(-1)).view(-1, 8, table.shape[1])
         return (weight[..., None] * corners).sum(1)
 
 
@@ -161,7 +176,7 @@ _CORNER_BITS = torch.tensor([[(o >> (2 - d)) & 1 for o in range(8)] for d in ran
 
 def _vertex_hashes(vertices: int, size: int) -> Tensor:
     """`(vertices³,)` table rows of a hashed level's vertices `[x, y, z]` in C order (x slowest),
-    the same hash as `HashGridEncoding._hashed_lookup`."""
+    the same hash as `HashGridEncoding._corner_lookup`."""
     axis = torch.arange(vertices)
     hashes = (axis[:, None, None] * _PRIMES[0]) ^ (axis[None, :, None] * _PRIMES[1]) ^ (axis[None, None, :] * _PRIMES[2])
     return _table_rows(hashes.view(-1), size)

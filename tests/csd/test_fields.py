@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 import torch
 
 from csd.fields import FieldConfig, ImplicitVolume, load_field, save_field
@@ -40,9 +41,52 @@ def test_hashed_levels_read_densely_without_gradients_give_the_hashed_features()
             table.normal_()  # features that vary across the table, so a wrong vertex order shows
     points = torch.rand(512, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
     x = (points * 0.5 + 0.5).clamp(0, 1)
-    hashed = encoding._hashed_lookup(x, encoding.resolutions[1], encoding.hashed[0])
+    hashed = encoding._corner_lookup(x, encoding.resolutions[1], encoding.hashed[0])
     with torch.no_grad():
         dense_read = encoding(x)[:, 2:]
         density = volume.density(points)
     torch.testing.assert_close(dense_read, hashed.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(density, volume.density(points).detach(), atol=1e-5, rtol=1e-6)
+
+
+def test_analytic_normals_differentiate_twice_without_grid_sample(monkeypatch):
+    # torch 2.11 on CUDA has no derivative of grid_sample's 3-D backward: with points that need
+    # gradients (analytic normals, create_graph) dense levels are read by the 8-corner gather,
+    # which must give grid_sample's features and a correct second derivative
+    config = dataclasses.replace(TINY, normal_type="analytic")
+    torch.manual_seed(0)
+    volume = ImplicitVolume(config)
+    encoding = volume.encoding
+    assert encoding.dense_levels == [0]
+    with torch.no_grad():
+        for table in encoding.dense:
+            table.normal_()  # features that vary across the grid, so a wrong vertex order shows
+    x = torch.rand(256, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = encoding(x)[:, :2]  # grid_sample
+    gathered = encoding(x.clone().requires_grad_(True))[:, :2]
+    torch.testing.assert_close(gathered, expected, atol=1e-6, rtol=1e-6)
+
+    def no_grid_sample(*args, **kwargs):
+        raise AssertionError("grid_sample read with points that need gradients")
+
+    monkeypatch.setattr(torch.nn.functional, "grid_sample", no_grid_sample)
+    points = (torch.rand(16, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1.2 - 0.6)
+    points = torch.rand(16, 3, generator=torch.Generator().manual_seed(3)) * 1.2 - 0.6
+    weights = torch.tensor([1.0, 2.0, 3.0])
+    table = encoding.dense[0]
+
+    def normal_loss() -> torch.Tensor:
+        """A loss on analytic normals: its gradient runs through their create_graph backward."""
+        return (volume.with_normals(points)[2] * weights).sum()
+
+    (gradient,) = torch.autograd.grad(normal_loss(), table)
+    direction = torch.randn(table.shape, generator=torch.Generator().manual_seed(4))
+    eps, losses = 1e-2, []  # float32: the field casts its features to float
+    for sign in (1, -1):
+        with torch.no_grad():
+            table.add_(sign * eps * direction)
+            losses.append(float(normal_loss()))
+            table.sub_(sign * eps * direction)
+    assert float((gradient * direction).sum()) != 0.0
+    assert float((gradient * direction).sum()) == pytest.approx((losses[0] - losses[1]) / (2 * eps), rel=1e-2)

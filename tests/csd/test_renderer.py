@@ -197,4 +197,5 @@ def test_hashed_level_is_the_trilinear_blend_of_its_hashed_corners():
             vertex = corner + bits
             index = ((vertex[:, 0] * _PRIMES[0]) ^ (vertex[:, 1] * _PRIMES[1]) ^ (vertex[:, 2] * _PRIMES[2])) % size
             expected += torch.where(bits.bool(), frac, 1 - frac).prod(-1, keepdim=True) * table[index]
-        assert torch.allclose(HashGridEncoding._hashed_lookup(x, resolution, table), expected, atol=1e-5)
+        assert torch.allclose(HashGridEncoding._corner_lookup(x, resolution, table), expected, atol=1e-5)
+
