@@ -15,6 +15,11 @@ from csd.checks import at_least, between, interval, unit_rgb, validate
 from csd.shading import diffuse_shade, random_background
 
 SHADING_MODES = ("albedo", "diffuse", "textureless", "normal")
+EVAL_SAMPLES_PER_PASS = 2**23
+"""A render without training (previews, the evaluator, fixed points) marches at most this many samples
+(rays × `num_samples`) at a time: the if-gpu turntable (4 views of 256² at 512 samples, 134 M samples
+in one pass) peaked at 65 GiB of CUDA memory on an H200 against 9.8 GiB for its training steps
+(bench/gpu.py, 2026-12-04). A toy-cpu preview (4 views of 64² at 64 samples) is one pass."""
 """`normal` renders the world-space normal map as colour n·0.5 + 0.5: the official `textureless`
 with `textureless_normal: true` (threestudio/models/materials/diffuse_with_point_light_material.py:110-112,
 configs/csd-if.yaml:52)."""
@@ -215,11 +220,36 @@ class VolumeRenderer:
         if shading not in SHADING_MODES:
             raise ValueError(f"unknown shading {shading!r}; valid: {', '.join(SHADING_MODES)}")
         width = width or height
-        c = self.config
         device = cameras.c2w.device
         batch = len(cameras)
         origins, directions = get_rays(cameras, height, width)
         origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
+        lights = cameras.light_position.to(device).repeat_interleave(height * width, 0)  # (rays, 3)
+        args = (field, shading, generator, training, compute_normals, compute_depth)
+        per_pass = max(1, EVAL_SAMPLES_PER_PASS // self.config.num_samples)
+        if training or compute_normals or origins.shape[0] <= per_pass:
+            rgb, opacity, depth, composited_normal, orientation = self._render_rays(origins, directions, lights, *args)
+        else:  # without training (no orientation penalty), in passes of `per_pass` rays: rays are independent
+            passes = [self._render_rays(o, d, li, *args) for o, d, li in
+                      zip(origins.split(per_pass), directions.split(per_pass), lights.split(per_pass))]
+            rgb, opacity, depth, composited_normal = (
+                None if parts[0] is None else torch.cat(parts) for parts in list(zip(*passes))[:4]
+            )
+            orientation = torch.zeros((), device=device)
+        background = self.background(directions.view(batch, -1, 3), batch, generator, training).reshape(-1, 3)
+        rgb = rgb + (1 - opacity) * background
+
+        def image(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.view(batch, height, width, -1).permute(0, 3, 1, 2)
+
+        return RenderOutput(image(rgb), image(opacity), image(depth), image(composited_normal), orientation)
+
+    def _render_rays(self, origins: Tensor, directions: Tensor, lights: Tensor, field, shading: str,
+                     generator: torch.Generator | None, training: bool, compute_normals: bool, compute_depth: bool):
+        """`render` for rays `(R, 3)` (each with its camera's light `(R, 3)`) before the background:
+        rgb `(R, 3)`, opacity `(R, 1)`, depth, composited normal and the orientation penalty."""
+        c = self.config
+        device = origins.device
         near, far, hit = intersect_sphere(origins, directions, self.bound)
         n_rays, n = origins.shape[0], c.num_samples
         span = (far - near).clamp(min=0)
@@ -258,7 +288,7 @@ class VolumeRenderer:
             elif shading == "normal":
                 shaded = normals * 0.5 + 0.5
             else:
-                light = cameras.light_position.to(device)[index // (n * height * width)]
+                light = lights[index // n]
                 shade = diffuse_shade(normals, queried, light, c.ambient)
                 shaded = albedo * shade if shading == "diffuse" else shade.expand(-1, 3)
             density = density.index_put((slot,), sigma)
@@ -290,10 +320,4 @@ class VolumeRenderer:
                 orientation = penalty.sum() / (opacity > 0).sum().clamp(min=1)
             else:
                 orientation = penalty.sum() / n_rays
-        background = self.background(directions.view(batch, -1, 3), batch, generator, training).reshape(-1, 3)
-        rgb = rgb + (1 - opacity) * background
-
-        def image(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x.view(batch, height, width, -1).permute(0, 3, 1, 2)
-
-        return RenderOutput(image(rgb), image(opacity), image(depth), image(composited_normal), orientation)
+        return rgb, opacity, depth, composited_normal, orientation

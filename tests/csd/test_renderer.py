@@ -6,7 +6,7 @@ from dataclasses import replace as dataclass_replace
 import pytest
 import torch
 
-from csd.cameras import make_cameras
+from csd.cameras import Cameras, make_cameras
 from csd.fields import FieldConfig, ImplicitVolume
 from csd.renderer import RendererConfig, VolumeRenderer, composite, intersect_sphere
 
@@ -199,3 +199,32 @@ def test_hashed_level_is_the_trilinear_blend_of_its_hashed_corners():
             expected += torch.where(bits.bool(), frac, 1 - frac).prod(-1, keepdim=True) * table[index]
         assert torch.allclose(HashGridEncoding._corner_lookup(x, resolution, table), expected, atol=1e-5)
 
+
+@pytest.mark.parametrize("shading", ["albedo", "diffuse"])
+def test_renders_without_training_in_passes_equal_one_pass(monkeypatch, shading):
+    # previews march at most EVAL_SAMPLES_PER_PASS samples at a time (the if-gpu turntable peaked at
+    # 65 GiB in one pass); split mid-image and mid-camera, the images, opacities, depths must not move
+    import csd.renderer
+
+    volume = _blob_volume("analytic", seed=3)
+    renderer = VolumeRenderer(RendererConfig(num_samples=16, occupancy_resolution=16, background="solid"), 1.0)
+    renderer.update_occupancy(volume, 0, torch.Generator().manual_seed(0))
+    cameras = make_cameras(torch.tensor([10.0, -20.0, 30.0]), torch.tensor([0.0, 100.0, 230.0]), torch.full((3,), 2.0), torch.full((3,), 40.0))
+    cameras.light_position = torch.tensor([[0.0, 0.0, 3.0], [3.0, 0.0, 0.0], [0.0, -3.0, 0.0]])  # one light each
+    with torch.no_grad():
+        whole = renderer.render(volume, cameras, 12, shading=shading, training=False, compute_depth=True)
+        monkeypatch.setattr(csd.renderer, "EVAL_SAMPLES_PER_PASS", 16 * 50)  # 50 rays a pass: 9 passes of 432 rays
+        passes = renderer.render(volume, cameras, 12, shading=shading, training=False, compute_depth=True)
+    assert float(whole.opacity.max()) > 0.5 and float(whole.opacity.min()) < 0.1, "the blob and empty space both in view"
+    for name in ("rgb", "opacity", "depth"):
+        torch.testing.assert_close(getattr(passes, name), getattr(whole, name), atol=1e-6, rtol=1e-5)
+    # each ray is lit by its own camera's light, in passes too: a view equals that camera rendered alone
+    for i in range(len(cameras)):
+        alone = Cameras(*(getattr(cameras, k)[i : i + 1] for k in ("c2w", "fovy", "elevation", "azimuth", "distance", "light_position")))
+        with torch.no_grad():
+            torch.testing.assert_close(renderer.render(volume, alone, 12, shading=shading, training=False).rgb[0], passes.rgb[i], atol=1e-6, rtol=1e-5)
+    if shading == "diffuse":
+        with torch.no_grad():
+            lit_alike = renderer.render(volume, Cameras(cameras.c2w, cameras.fovy, cameras.elevation, cameras.azimuth, cameras.distance,
+                                                         cameras.light_position[[0, 0, 0]]), 12, shading=shading, training=False).rgb
+        assert float((lit_alike[1:] - passes.rgb[1:]).abs().max()) > 0.01, "the lights differ enough to show a mix-up"
