@@ -10,12 +10,34 @@ Conventions bridged here: clip-space y is negated so nvdiffrast's row 0 is the t
 
 from __future__ import annotations
 
+import sys
+
 import nvdiffrast.torch as dr
 import torch
 from torch import Tensor
 
 from csd.cameras import Cameras, projection_matrix
 from csd.raster import Fragments, Rasterizer
+
+
+def _load_plugin() -> None:
+    """Compile (first use) and load nvdiffrast's CUDA plugin.
+
+    diffrp-nvdiffrast 0.3.3.1 builds it with `torch.utils.cpp_extension.load` and then imports it by
+    name, but torch no longer puts the build directory on `sys.path`, so that import fails with "No
+    module named 'nvdiffrast_plugin_…'" although the build succeeded (torch 2.11 on an H200,
+    2026-12-04). Then the build directory goes on the path and the plugin is asked for again."""
+    from nvdiffrast.torch import ops
+
+    try:
+        ops._get_plugin()
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("nvdiffrast_plugin"):
+            raise
+        from torch.utils.cpp_extension import _get_build_directory
+
+        sys.path.insert(0, _get_build_directory(error.name, verbose=False))
+        ops._get_plugin()
 
 
 class NvdiffrastRasterizer(Rasterizer):
@@ -26,6 +48,7 @@ class NvdiffrastRasterizer(Rasterizer):
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
+        _load_plugin()
         self.context = dr.RasterizeCudaContext(device=self.device)
         self._faces_key: tuple[int, int] | None = None
         self._faces_int32: Tensor | None = None

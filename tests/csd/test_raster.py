@@ -267,10 +267,20 @@ def test_nvdiffrast_matches_cpu_backend():
         renderer = MeshRenderer(config, sphere.vertices, sphere.faces, uvs, "cuda")
         fragments[name] = renderer.rasterizer.rasterize(renderer.vertices, renderer.faces, cameras, 64, 64)
         renders[name] = renderer.render(texture, cameras, 64, "diffuse", training=False).rgb
-    same_face = (fragments["cpu"].face_id == fragments["nvdiffrast"].face_id).float().mean()
-    assert same_face > 0.995, "same triangle at (nearly) every pixel centre"
+    cpu_faces, gpu_faces = fragments["cpu"].face_id, fragments["nvdiffrast"].face_id
+    same = cpu_faces == gpu_faces
+    # H200, 2026-12-04: 99.05 % of pixels; the others (triangles ~2 px wide here) lie near edges, and
+    # the two faces picked there always share a vertex (140 of 142 an edge)
+    assert float(same.float().mean()) > 0.985, "same triangle at (nearly) every pixel centre"
     both = fragments["cpu"].mask & fragments["nvdiffrast"].mask
-    assert torch.allclose(fragments["cpu"].depth[both], fragments["nvdiffrast"].depth[both], atol=1e-3)
+    faces = torch.as_tensor(np.asarray(sphere.faces), device="cuda")
+    differ = both & ~same
+    shared = (faces[cpu_faces[differ]][:, :, None] == faces[gpu_faces[differ]][:, None, :]).flatten(1).any(1)
+    assert bool(shared.all()), "where they differ, the two faces are neighbours (an edge or vertex tie)"
+    depth_error = (fragments["cpu"].depth - fragments["nvdiffrast"].depth)[both & same].abs()
+    # same face, same pixel centre: the same view depth (~1.5 here) up to the two backends' arithmetic; H200, 2026-12-04: median 1.8e-6, 99.9th percentile 2.1e-4, max 2.7e-3 (1 pixel of 10 362)
+    assert float(depth_error.median()) < 2e-5 and float((depth_error < 1e-3).float().mean()) > 0.999
+    assert float(depth_error.max()) < 0.01
     difference = (renders["cpu"] - renders["nvdiffrast"]).abs()
     assert float(difference.mean()) < 0.01, "images equal up to anti-aliasing"
     interior = fragments["nvdiffrast"].mask[:, None].expand_as(difference)
