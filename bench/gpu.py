@@ -37,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -315,7 +316,17 @@ def bench_stage(name: str, module, config, out_dir: Path, inputs: dict | None, r
     }
 
 
-def run(steps: int, tiny: bool, work: Path, repeats: int) -> dict:
+STAGES = ("nerf", "texture")
+
+
+def run(steps: int, tiny: bool, work: Path, repeats: int, verbose: bool = False, stages: tuple[str, ...] = STAGES) -> dict:
+    """Build (or reuse) the priors and bench `stages` in one process (the IF prior stays cached while
+    `texture` runs, as in an asset's process). With `verbose` each part is printed as it is measured and
+    a stage that fails is reported under "failed" (traceback printed) while the next one still runs:
+    on a rented GPU one stage's bug must not cost the other's numbers."""
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; valid: {', '.join(STAGES)}")
     cuda = torch.cuda.is_available()
     if not tiny and not cuda:
         raise SystemExit(
@@ -325,37 +336,68 @@ def run(steps: int, tiny: bool, work: Path, repeats: int) -> dict:
     paths = build_priors(work / ("tiny" if tiny else "full"), tiny, device)
     preset = load_preset(PRESET)
     report = {"preset": PRESET, "tiny": tiny, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "torch": torch.__version__, "parameters": parameter_counts(TINY if tiny else FULL), "stages": []}
+              "torch": torch.__version__, "parameters": parameter_counts(TINY if tiny else FULL), "stages": [], "failed": {}}
+    if verbose:
+        print_header(report)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         tmp = Path(tmp)
-        nerf_config = stage_config(nerf.NerfConfig, preset, "nerf", paths["if"], steps, tiny)
-        report["stages"].append(bench_stage("nerf", nerf, nerf_config, tmp / "nerf", None, repeats))
-        uv_dir = sphere_uv_input(tmp / "uv", 1 if tiny else 5, 128 if tiny else preset["uv"]["unwrap"]["resolution"])
-        texture_config = stage_config(texture.TextureConfig, preset, "texture", paths["sd"], steps, tiny)
-        report["stages"].append(bench_stage("texture", texture, texture_config, tmp / "texture", {"uv": uv_dir}, repeats))
-        report["rasterizer"] = type(get_rasterizer(texture_config.renderer.rasterizer, device)).__name__
-    preset_steps = {"nerf": int(preset["nerf"]["steps"]), "texture": int(preset["texture"]["steps"])}
+        for name in stages:
+            try:
+                if name == "nerf":
+                    config = stage_config(nerf.NerfConfig, preset, "nerf", paths["if"], steps, tiny)
+                    measured = bench_stage("nerf", nerf, config, tmp / "nerf", None, repeats)
+                else:
+                    uv_dir = sphere_uv_input(tmp / "uv", 1 if tiny else 5, 128 if tiny else preset["uv"]["unwrap"]["resolution"])
+                    config = stage_config(texture.TextureConfig, preset, "texture", paths["sd"], steps, tiny)
+                    measured = bench_stage("texture", texture, config, tmp / "texture", {"uv": uv_dir}, repeats)
+                    report["rasterizer"] = type(get_rasterizer(config.renderer.rasterizer, device)).__name__
+            except Exception as error:
+                if not verbose:
+                    raise
+                traceback.print_exc()
+                report["failed"][name] = f"{type(error).__name__}: {error}"
+                print(f"{name:8s} FAILED: {report['failed'][name]}", flush=True)
+                continue
+            report["stages"].append(measured)
+            if verbose:
+                print_stage(measured)
+    preset_steps = {name: int(preset[name]["steps"]) for name in (*STAGES, "edit")}
     report["preset_steps"] = preset_steps
-    report["projected_minutes_per_asset"] = sum(s["s_per_step"] * preset_steps[s["stage"]] for s in report["stages"]) / 60
-    report["projected_minutes_edit"] = report["stages"][1]["s_per_step"] * int(preset["edit"]["steps"]) / 60
+    measured = {s["stage"]: s for s in report["stages"]}
+    if set(measured) == set(STAGES):
+        report["projected_minutes_per_asset"] = sum(measured[name]["s_per_step"] * preset_steps[name] for name in STAGES) / 60
+    if "texture" in measured:
+        report["projected_minutes_edit"] = measured["texture"]["s_per_step"] * preset_steps["edit"] / 60
     return report
 
 
-def print_report(report: dict) -> None:
+def print_header(report: dict) -> None:
     print(f"bench/gpu.py — preset {report['preset']}{' (--tiny: scaled-down architectures)' if report['tiny'] else ''}, "
           f"device {report['device']}, torch {report['torch']}")
-    print("parameters: " + ", ".join(f"{k} {v / 1e6:,.1f} M" for k, v in report["parameters"].items()))
-    for s in report["stages"]:
-        memory = f"peak CUDA allocated {s['peak_cuda_allocated_mb'] / 1024:.2f} GiB, " if "peak_cuda_allocated_mb" in s else ""
-        print(f"{s['stage']:8s} {s['s_per_step']:.4f} s/step (first step {s['first_step_s']:.2f} s, {s['steps']} steps), "
-              f"UNet floor {s['unet_floor_s']:.4f} s (batch {tuple(s['unet_batch'])}), ratio {s['ratio']:.2f}, "
-              f"{memory}peak RSS {s['peak_rss_mb'] / 1024:.2f} GiB, prior load (text encoder aside) {s['load_s']:.1f} s, "
-              f"text encoder resident after: {s['text_encoder_resident_after']}")
-        print("         split per step: " + ", ".join(f"{k.removesuffix('_per_step')} {v:.4f}" for k, v in s["split_s"].items()))
-    steps = report["preset_steps"]
-    print(f"projected optimisation time per asset (nerf {steps['nerf']} + texture {steps['texture']} steps): "
-          f"{report['projected_minutes_per_asset']:.1f} min; an edit adds {report['projected_minutes_edit']:.1f} min "
-          f"(rasterizer {report['rasterizer']})")
+    print("parameters: " + ", ".join(f"{k} {v / 1e6:,.1f} M" for k, v in report["parameters"].items()), flush=True)
+
+
+def print_stage(s: dict) -> None:
+    """One stage's lines, printed as soon as it is measured (a later stage's failure keeps them)."""
+    memory = f"peak CUDA allocated {s['peak_cuda_allocated_mb'] / 1024:.2f} GiB, " if "peak_cuda_allocated_mb" in s else ""
+    print(f"{s['stage']:8s} {s['s_per_step']:.4f} s/step (first step {s['first_step_s']:.2f} s, {s['steps']} steps), "
+          f"UNet floor {s['unet_floor_s']:.4f} s (batch {tuple(s['unet_batch'])}), ratio {s['ratio']:.2f}, "
+          f"{memory}peak RSS {s['peak_rss_mb'] / 1024:.2f} GiB, prior load (text encoder aside) {s['load_s']:.1f} s, "
+          f"text encoder resident after: {s['text_encoder_resident_after']}")
+    print("         split per step: " + ", ".join(f"{k.removesuffix('_per_step')} {v:.4f}" for k, v in s["split_s"].items()), flush=True)
+
+
+def print_summary(report: dict) -> None:
+    steps, parts = report["preset_steps"], []
+    if "projected_minutes_per_asset" in report:
+        parts.append(f"projected optimisation time per asset (nerf {steps['nerf']} + texture {steps['texture']} steps): "
+                     f"{report['projected_minutes_per_asset']:.1f} min")
+    if "projected_minutes_edit" in report:
+        parts.append(f"an edit ({steps.get('edit', '?')} texture steps) adds {report['projected_minutes_edit']:.1f} min "
+                     f"(rasterizer {report['rasterizer']})")
+    print("; ".join(parts))
+    for name, error in report["failed"].items():
+        print(f"FAILED {name}: {error}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -366,8 +408,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=None, help="where the built models are kept (default: $CSD_ASSET_CACHE/bench-gpu)")
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats of the UNet-only floor")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)  # the model builds' times
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -382,10 +426,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is warm-up)")
     work = args.work or cache_root() / "bench-gpu"
-    report = run(args.steps, args.tiny, work, args.repeats)
-    print_report(report)
+    report = run(args.steps, args.tiny, work, args.repeats, verbose=True, stages=tuple(args.stages.split(",")))
+    print_summary(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    if report["failed"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

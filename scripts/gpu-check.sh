@@ -53,7 +53,9 @@ EOF
 df -h "${CSD_ASSET_CACHE%/*}" | tail -1
 
 echo "== GPU tests (pytest -m gpu)"
-"$PY" -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -15 || echo "GPU TESTS FAILED (continuing to the benchmark)"
+# only the files that hold GPU tests: the others import prefect and mlflow, which the GPU image lacks
+"$PY" -m pytest -q -m gpu $(grep -rl "mark.gpu" tests) -p no:cacheprovider 2>&1 | tail -40 || echo "GPU TESTS FAILED (continuing to the benchmark)"
+ls -d "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"/*/* 2>/dev/null || true
 
 echo "== bench/gpu.py --steps $STEPS"
 "$PY" bench/gpu.py --steps "$STEPS" --json "$OUT/gpu-bench.json"
