@@ -5,8 +5,9 @@ table, base resolution 16, max 512). Coarse levels whose vertex count fits the t
 densely and read with `grid_sample` (fast on CPU and GPU); finer levels are hashed. When the
 points themselves need gradients (analytic normals, whose `create_graph` backward differentiates
 the lookup twice), dense levels are read by the same 8-corner gather as hashed ones: torch 2.11 on
-CUDA has no second derivative of `grid_sample` in 3-D ("derivative for aten::grid_sampler_3d_backward
-is not implemented", bench/gpu.py on an H200, 2026-12-04). Without gradients, a hashed level whose vertex grid is small next to the query is gathered into a dense
+CUDA has no second derivative of `grid_sample` in 3-D ("derivative for
+aten::grid_sampler_3d_backward is not implemented", bench/gpu.py on an H200, 2026-12-04). Without
+gradients, a hashed level whose vertex grid is small next to the query is gathered into a dense
 grid first and read the same way (see `HashGridEncoding.forward`). The density gets Magic3D's
 blob bias, so optimisation starts from a ball at the origin.
 """

@@ -15,14 +15,14 @@ from csd.checks import at_least, between, interval, unit_rgb, validate
 from csd.shading import diffuse_shade, random_background
 
 SHADING_MODES = ("albedo", "diffuse", "textureless", "normal")
+"""`normal` renders the world-space normal map as colour n·0.5 + 0.5: the official `textureless`
+with `textureless_normal: true` (threestudio/models/materials/diffuse_with_point_light_material.py:110-112,
+configs/csd-if.yaml:52)."""
 EVAL_SAMPLES_PER_PASS = 2**23
 """A render without training (previews, the evaluator, fixed points) marches at most this many samples
 (rays × `num_samples`) at a time: the if-gpu turntable (4 views of 256² at 512 samples, 134 M samples
 in one pass) peaked at 65 GiB of CUDA memory on an H200 against 9.8 GiB for its training steps
-(bench/gpu.py, 2026-12-04). A toy-cpu preview (4 views of 64² at 64 samples) is one pass."""
-"""`normal` renders the world-space normal map as colour n·0.5 + 0.5: the official `textureless`
-with `textureless_normal: true` (threestudio/models/materials/diffuse_with_point_light_material.py:110-112,
-configs/csd-if.yaml:52)."""
+(bench/gpu.py, 2026-12-04). A toy-cpu preview (4 views of 64² at 48 samples) is one pass."""
 
 
 @dataclass(frozen=True)
