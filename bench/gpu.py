@@ -319,11 +319,12 @@ def bench_stage(name: str, module, config, out_dir: Path, inputs: dict | None, r
 STAGES = ("nerf", "texture")
 
 
-def run(steps: int, tiny: bool, work: Path, repeats: int, verbose: bool = False, stages: tuple[str, ...] = STAGES) -> dict:
+def run(steps: int, tiny: bool, work: Path, repeats: int, verbose: bool = False, stages: tuple[str, ...] = STAGES,
+        keep_going: bool = False) -> dict:
     """Build (or reuse) the priors and bench `stages` in one process (the IF prior stays cached while
-    `texture` runs, as in an asset's process). With `verbose` each part is printed as it is measured and
-    a stage that fails is reported under "failed" (traceback printed) while the next one still runs:
-    on a rented GPU one stage's bug must not cost the other's numbers."""
+    `texture` runs, as in an asset's process). `verbose`: each part is printed as it is measured.
+    `keep_going`: a stage that fails is reported under "failed" (traceback printed) and the next one
+    still runs, so on a rented GPU one stage's bug does not cost the other's numbers."""
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; valid: {', '.join(STAGES)}")
@@ -352,7 +353,7 @@ def run(steps: int, tiny: bool, work: Path, repeats: int, verbose: bool = False,
                     measured = bench_stage("texture", texture, config, tmp / "texture", {"uv": uv_dir}, repeats)
                     report["rasterizer"] = type(get_rasterizer(config.renderer.rasterizer, device)).__name__
             except Exception as error:
-                if not verbose:
+                if not keep_going:
                     raise
                 traceback.print_exc()
                 report["failed"][name] = f"{type(error).__name__}: {error}"
@@ -426,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is warm-up)")
     work = args.work or cache_root() / "bench-gpu"
-    report = run(args.steps, args.tiny, work, args.repeats, verbose=True, stages=tuple(args.stages.split(",")))
+    report = run(args.steps, args.tiny, work, args.repeats, verbose=True, stages=tuple(args.stages.split(",")), keep_going=True)
     print_summary(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -46,3 +46,18 @@ def test_tiny_run_goes_through_the_loader_and_both_stages(gpu_bench, tmp_path):
     assert unet["mid_block_type"] == gpu_bench.IF_UNET["mid_block_type"] and unet["addition_embed_type"] == "text"
     assert set(unet["down_block_types"]) == set(gpu_bench.IF_UNET["down_block_types"])
     assert report["rasterizer"] == "CpuRasterizer"
+
+
+def test_a_failing_stage_is_reported_and_the_next_one_still_runs(gpu_bench, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("derivative for aten::grid_sampler_3d_backward is not implemented")
+
+    monkeypatch.setattr(gpu_bench.nerf, "run", broken)
+    report = gpu_bench.run(steps=2, tiny=True, work=tmp_path / "models", repeats=1, keep_going=True)
+    assert report["failed"] == {"nerf": "RuntimeError: derivative for aten::grid_sampler_3d_backward is not implemented"}
+    assert [s["stage"] for s in report["stages"]] == ["texture"] and report["stages"][0]["steps"] == 2
+    assert "projected_minutes_per_asset" not in report and report["projected_minutes_edit"] > 0
+    with pytest.raises(RuntimeError, match="grid_sampler_3d"):
+        gpu_bench.run(steps=2, tiny=True, work=tmp_path / "models", repeats=1, stages=("nerf",))
+    with pytest.raises(ValueError, match="unknown stage.*mesh; valid: nerf, texture"):
+        gpu_bench.run(steps=2, tiny=True, work=tmp_path / "models", repeats=1, stages=("mesh",))
