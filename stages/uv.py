@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csd.checks import unit_rgb, validate, whole
+from csd.checks import between, unit_rgb, validate, whole
 from csd.fields import load_field
 from csd.models import device_check
 from csd.raster import MeshRenderer, MeshRendererConfig
@@ -42,8 +42,14 @@ class UVConfig:
     unwrap: UnwrapConfig = UnwrapConfig()
     base_color: tuple[float, float, float] = (0.5, 0.5, 0.5)
     """Texture colour in [0, 1] when there is neither a field nor vertex colours (neutral grey)."""
+    bake_depth: float = 0.1
+    """How far (a fraction of the field's bound) outside and inside the surface the bake composites the
+    field's albedo along the normal, as a view straight onto the surface sees it (`csd.uv.bake_albedo`);
+    0: the albedo at the surface point."""
+    bake_samples: int = 32
+    """Points along each texel's normal for that composite."""
     chunk_size: int = 262_144
-    """Points per albedo query."""
+    """Points per field query."""
     device: str = "cpu"
     """Torch device for the field queries (`cpu`, `cuda`, `cuda:1`, …)."""
     preview_views: int = 8
@@ -53,7 +59,7 @@ class UVConfig:
 
     def __post_init__(self):
         validate(self, {
-            "base_color": unit_rgb, "chunk_size": whole(1), "device": device_check(auto=False),
+            "base_color": unit_rgb, "bake_depth": between(0, 1), "bake_samples": whole(2), "chunk_size": whole(1), "device": device_check(auto=False),
             "preview_views": whole(1), "preview_resolution": whole(8),
         })
 
@@ -91,7 +97,7 @@ def run(
         with timer("bake"):
             if "nerf" in inputs:
                 field = load_field(Path(inputs["nerf"]), torch.device(config.device))
-                texture = bake_albedo(field, uv_mesh, raster, config.chunk_size, config.device)
+                texture = bake_albedo(field, uv_mesh, raster, config.chunk_size, config.device, config.bake_depth, config.bake_samples)
                 texture_source = "field"
             elif source.visual.kind == "vertex":
                 texture = bake_vertex_colors(uv_mesh, np.asarray(source.visual.vertex_colors)[:, :3] / 255.0, raster)

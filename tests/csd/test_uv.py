@@ -132,3 +132,45 @@ def test_unwrap_rejects_bad_options_naming_them():
     box = trimesh.creation.box()
     with pytest.raises(ValueError, match=r"UnwrapConfig.resolution: 4 must be >= 16"):
         unwrap(box.vertices, box.faces, UnwrapConfig(resolution=4))
+
+
+class ShellField:
+    """A dense core (σ `core_density` inside radius `core`) with albedo `inside`, wrapped out to radius
+    `outer` in a layer of σ `shell_density` and albedo `outside`."""
+
+    bound = 1.0
+
+    def __init__(self, core: float, outer: float, core_density: float, shell_density: float, inside, outside):
+        self.core, self.outer, self.core_density, self.shell_density = core, outer, core_density, shell_density
+        self.inside, self.outside = torch.tensor(inside, dtype=torch.float32), torch.tensor(outside, dtype=torch.float32)
+
+    def density(self, points: torch.Tensor) -> torch.Tensor:
+        radius = points.norm(dim=-1)
+        return torch.where(radius < self.core, self.core_density, torch.where(radius < self.outer, self.shell_density, 0.0))
+
+    def albedo(self, points: torch.Tensor) -> torch.Tensor:
+        return torch.where((points.norm(dim=-1) < self.core)[:, None], self.inside, self.outside)
+
+
+def _mean_baked_colour(field, atlas, **bake) -> np.ndarray:
+    raster = rasterize_uv(atlas.uvs, atlas.faces, 256)
+    return sample_texture(bake_albedo(field, atlas, raster, chunk_size=10_000, **bake), atlas.uvs[atlas.faces].mean(1)).mean(0)
+
+
+def test_the_composited_bake_shows_what_a_view_onto_the_surface_sees(sphere_atlas):
+    # the toy nerf's spheres: the mesh (r = 0.5) is cut in a thin, nearly transparent black shell
+    # (optical depth 0.1 · 0.2 = 0.02) around a dense blue core (r < 0.47)
+    hazy = ShellField(0.47, 0.6, 60.0, 0.2, inside=[0.0, 0.2, 0.9], outside=[0.0, 0.0, 0.0])
+    np.testing.assert_allclose(_mean_baked_colour(hazy, sphere_atlas), [0, 0, 0], atol=1)  # the albedo at the surface
+    composited = _mean_baked_colour(hazy, sphere_atlas, depth=0.1, samples=32)
+    np.testing.assert_allclose(composited, [0, 0.2 * 255, 0.9 * 255], atol=0.05 * 255)
+    # an opaque red skin just outside the surface (0.5 < r < 0.55) hides the blue core: a view from
+    # outside sees red (composited outside → inside, along the outward normal)
+    skin = ShellField(0.5, 0.55, 60.0, 200.0, inside=[0.0, 0.0, 1.0], outside=[1.0, 0.0, 0.0])
+    np.testing.assert_allclose(_mean_baked_colour(skin, sphere_atlas, depth=0.1, samples=32), [255, 0, 0], atol=0.05 * 255)
+    # where the whole segment is transparent, the bake keeps the albedo at the point
+    x = sphere_atlas.vertices[sphere_atlas.faces][..., 0].mean(1)
+    raster = rasterize_uv(sphere_atlas.uvs, sphere_atlas.faces, 256)
+    colours = sample_texture(bake_albedo(RedBlueField(), sphere_atlas, raster, chunk_size=10_000, depth=0.1),
+                             sphere_atlas.uvs[sphere_atlas.faces].mean(1))
+    assert (np.where(x > 0.05, colours[:, 0], colours[:, 2])[np.abs(x) > 0.05] > 250).mean() > 0.99
