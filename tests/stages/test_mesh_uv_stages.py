@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -59,7 +60,8 @@ def test_mesh_stage_commits_a_closed_mesh_with_stats(mesh_result):
 
 
 def test_uv_stage_bakes_the_field_and_writes_a_glb_that_round_trips(mesh_result, nerf_dir, tmp_path):
-    result = uv_stage.run(SMALL_UV, tmp_path / "uv", inputs={"mesh": mesh_result.path("mesh").parent, "nerf": nerf_dir})
+    inputs = {"mesh": mesh_result.path("mesh").parent, "nerf": nerf_dir}
+    result = uv_stage.run(dataclasses.replace(SMALL_UV, bake_depth=0.0), tmp_path / "uv", inputs=inputs)
     assert set(TEXTURED_OUTPUTS) <= set(result.outputs)
     textured = read_textured_mesh(tmp_path / "uv")
     assert textured.texture.shape == (64, 64, 3)
@@ -81,6 +83,29 @@ def test_uv_stage_bakes_the_field_and_writes_a_glb_that_round_trips(mesh_result,
     np.testing.assert_allclose(glb.visual.uv, textured.uvs, atol=1e-6)
     y_up = trimesh.transform_points(textured.vertices, Z_UP_TO_Y_UP)
     np.testing.assert_allclose(glb.vertices, y_up, atol=1e-5)
+
+
+class _DarkSkinned:
+    """A saved field made transparent and black where its density is below 1.2 × `level` (the mesh's surface
+    is at `level`), and dense and white deeper in: a view onto the surface sees white."""
+
+    def __init__(self, field, level: float):
+        self.field, self.level, self.bound = field, level, field.bound
+
+    def density(self, points):
+        return 100.0 * (self.field.density(points) >= 1.2 * self.level).float()
+
+    def albedo(self, points):
+        return (self.field.density(points) >= 1.2 * self.level).float()[:, None].expand(-1, 3)
+
+
+def test_the_uv_stage_bakes_at_its_bake_depth(mesh_result, nerf_dir, tmp_path, monkeypatch):
+    level = json.loads(mesh_result.path("stats").read_text())["threshold"]
+    monkeypatch.setattr(uv_stage, "load_field", lambda directory, device: _DarkSkinned(load_field(directory, device), level))
+    inputs = {"mesh": mesh_result.path("mesh").parent, "nerf": nerf_dir}
+    surface, composited = (read_textured_mesh(uv_stage.run(dataclasses.replace(SMALL_UV, bake_depth=depth), tmp_path / f"uv-{depth}",
+                                                           inputs=inputs).path("glb").parent) for depth in (0.0, 0.1))
+    assert np.median(surface.texture) == 0 and np.median(composited.texture) > 200
 
 
 def test_empty_isosurface_raises_and_commits_nothing(nerf_dir, tmp_path):
