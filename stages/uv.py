@@ -59,8 +59,8 @@ class UVConfig:
 
     def __post_init__(self):
         validate(self, {
-            "base_color": unit_rgb, "bake_depth": between(0, 1), "bake_samples": whole(2), "chunk_size": whole(1), "device": device_check(auto=False),
-            "preview_views": whole(1), "preview_resolution": whole(8),
+            "base_color": unit_rgb, "bake_depth": between(0, 1), "bake_samples": whole(2), "chunk_size": whole(1),
+            "device": device_check(auto=False), "preview_views": whole(1), "preview_resolution": whole(8),
         })
 
 
