@@ -191,16 +191,16 @@ def bake_albedo(
     points = torch.from_numpy(interpolate(raster, mesh.faces, mesh.vertices)).float()
     normals = face_normals(torch.from_numpy(mesh.vertices).float(), torch.from_numpy(mesh.faces))[
         torch.from_numpy(raster.face_index[raster.mask])]
-    offsets = torch.linspace(depth, -depth, samples) * field.bound  # outside → inside, world units
-    deltas = torch.full((1, samples), 2 * depth * field.bound / (samples - 1))
+    offsets = (torch.linspace(depth, -depth, samples) * field.bound).to(device)  # outside → inside, world units
+    deltas = torch.full((1, samples), 2 * depth * field.bound / (samples - 1), device=device)
     colors, per_chunk = [], max(1, chunk_size // samples) if depth > 0 else chunk_size
     for chunk, normal in zip(points.split(per_chunk), normals.split(per_chunk)):
         chunk, normal = chunk.to(device), normal.to(device)
         color = field.albedo(chunk).float()
         if depth > 0:
-            along = (chunk[:, None] + offsets.to(device)[None, :, None] * normal[:, None]).reshape(-1, 3)
+            along = (chunk[:, None] + offsets[None, :, None] * normal[:, None]).reshape(-1, 3)
             density = field.density(along).float().view(len(chunk), samples)
-            weights, seen = composite(density, field.albedo(along).float().view(len(chunk), samples, 3), deltas.to(device))
+            weights, seen = composite(density, field.albedo(along).float().view(len(chunk), samples, 3), deltas)
             color = seen + (1 - weights.sum(1, keepdim=True)) * color
         colors.append(color.cpu())
     return to_texture(torch.cat(colors).numpy() if colors else np.zeros((0, 3)), raster)
